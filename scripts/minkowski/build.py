@@ -1,0 +1,250 @@
+"""Build (or reuse) a MinkowskiEngine 0.5.4 wheel for the running torch and install it.
+
+Run with the project's virtual environment's python:
+
+    python scripts/minkowski/build.py [--mode auto|cpu|cuda] [--cache DIR]
+
+The wheel is cached under ``DIR/<key>/`` where the key names the ME version, the
+patch-set hash, the torch version and C++ ABI, the CUDA version and the GPU
+architectures, so a different torch or patch set never loads a stale binary. A
+wheel that installs but fails to import is deleted and rebuilt once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from patches import PatchError, apply_patches, patch_set_hash  # noqa: E402
+
+ME_VERSION = "0.5.4"
+SDIST_NAME = f"MinkowskiEngine-{ME_VERSION}.tar.gz"
+SDIST_SHA256 = "b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94"
+STAMP_NAME = "sparkme_minkowski_build.json"
+DEFAULT_CACHE = Path(os.environ.get("SPARKME_CACHE", Path.home() / ".cache" / "sparkme")) / "minkowski"
+
+
+class BuildError(RuntimeError):
+    """Something the user must fix before MinkowskiEngine can be built."""
+
+
+def log(msg: str) -> None:
+    print(f"[minkowski] {msg}", flush=True)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sdist(path: Path) -> None:
+    actual = sha256_of(path)
+    if actual != SDIST_SHA256:
+        raise BuildError(
+            f"sha256 mismatch for {path}: expected {SDIST_SHA256}, got {actual}. "
+            "The archive is not PyPI's MinkowskiEngine 0.5.4; delete it and run again."
+        )
+
+
+def fetch_sdist(cache: Path) -> Path:
+    """Return the verified sdist, downloading it from PyPI into the cache if needed."""
+    target = cache / "sdist" / SDIST_NAME
+    if target.exists():
+        verify_sdist(target)
+        return target
+    override = os.environ.get("SPARKME_ME_SDIST")
+    if override:
+        verify_sdist(Path(override))
+        return Path(override)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        log("downloading the MinkowskiEngine sdist from PyPI")
+        env = dict(os.environ, SETUPTOOLS_USE_DISTUTILS="stdlib")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--no-build-isolation", f"minkowskiengine=={ME_VERSION}", "-d", tmp]
+        subprocess.run(cmd, check=True, env=env)
+        downloaded = Path(tmp) / SDIST_NAME
+        verify_sdist(downloaded)
+        os.replace(downloaded, target)
+    return target
+
+
+def torch_facts() -> dict[str, str]:
+    import torch
+
+    cuda = torch.version.cuda or "cpu"
+    return {
+        "torch": torch.__version__,
+        "cxx11_abi": str(int(torch._C._GLIBCXX_USE_CXX11_ABI)),
+        "cuda": cuda,
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+    }
+
+
+def detect_mode(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.version.cuda and torch.cuda.is_available() and find_nvcc():
+        return "cuda"
+    return "cpu"
+
+
+def find_nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = Path(home) / "bin" / "nvcc"
+    return str(candidate) if candidate.exists() else shutil.which("nvcc")
+
+
+def cuda_arch_list() -> str:
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    import torch
+
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        arch = ";".join(f"{major}.{minor}" for major, minor in caps)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        return arch
+    raise BuildError("CUDA build without a visible GPU: set TORCH_CUDA_ARCH_LIST (e.g. '9.0').")
+
+
+def build_key(mode: str) -> tuple[str, dict[str, str]]:
+    facts = torch_facts()
+    facts.update(me=ME_VERSION, mode=mode, patches=patch_set_hash(cuda=mode == "cuda"))
+    facts["arch"] = cuda_arch_list() if mode == "cuda" else "none"
+    if mode == "cuda" and facts["cuda"] == "cpu":
+        raise BuildError("a CUDA build needs a CUDA build of torch; this torch is CPU-only")
+    key = "me{me}-p{patches}-torch{torch}-abi{cxx11_abi}-cu{cuda}-arch{arch}-py{python}".format(**facts)
+    return key.replace("+", "_").replace(";", "_").replace(" ", ""), facts
+
+
+def check_toolchain(mode: str) -> None:
+    missing = [tool for tool in ("gcc", "g++") if shutil.which(tool) is None]
+    if missing:
+        raise BuildError(f"missing compiler: {', '.join(missing)}. Install build-essential (apt-get install build-essential).")
+    if not Path("/usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h").exists() and not list(
+        Path("/usr/include").glob("**/cblas.h")
+    ) and not os.environ.get("CPATH"):
+        raise BuildError("OpenBLAS headers not found: apt-get install libopenblas-dev")
+    if mode == "cuda" and find_nvcc() is None:
+        raise BuildError("CUDA build requested but nvcc was not found (set CUDA_HOME)")
+
+
+def build_wheel(sdist: Path, mode: str, out_dir: Path) -> Path:
+    check_toolchain(mode)
+    with tempfile.TemporaryDirectory(prefix="sparkme-me-build-") as tmp:
+        with tarfile.open(sdist) as archive:
+            archive.extractall(tmp, filter="data")
+        source = Path(tmp) / f"MinkowskiEngine-{ME_VERSION}"
+        changed = apply_patches(source, cuda=mode == "cuda")
+        log(f"applied {len(changed)} edits from the sparkme patch set")
+        cmd = [sys.executable, "setup.py", "bdist_wheel", "--blas=openblas"]
+        cmd.append("--force_cuda" if mode == "cuda" else "--cpu_only")
+        env = dict(os.environ)
+        env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+        if mode == "cuda":
+            env["CUDA_HOME"] = str(Path(find_nvcc()).parent.parent)
+        log(f"building ({mode}, MAX_JOBS={env['MAX_JOBS']}); this takes minutes: " + " ".join(cmd[1:]))
+        log_path = out_dir.parent / f"build-{out_dir.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log_file:
+            result = subprocess.run(cmd, cwd=source, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            tail = log_path.read_text().splitlines()[-40:]
+            raise BuildError("MinkowskiEngine build failed; last lines of " + str(log_path) + ":\n" + "\n".join(tail))
+        wheels = list((source / "dist").glob("*.whl"))
+        if len(wheels) != 1:
+            raise BuildError(f"expected one wheel in {source / 'dist'}, found {wheels}")
+        staging = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        shutil.copy2(wheels[0], staging / wheels[0].name)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(staging, out_dir)
+    return next(out_dir.glob("*.whl"))
+
+
+def site_stamp() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["purelib"]) / STAMP_NAME
+
+
+def installed_key() -> str | None:
+    stamp = site_stamp()
+    if not stamp.exists():
+        return None
+    return json.loads(stamp.read_text()).get("key")
+
+
+def import_ok() -> tuple[bool, str]:
+    code = "import MinkowskiEngine as ME; print(ME.__version__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return result.returncode == 0, (result.stdout + result.stderr).strip()
+
+
+def install_wheel(wheel: Path, key: str, facts: dict[str, str]) -> None:
+    stamp = site_stamp()
+    stamp.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index", "-q", str(wheel)]
+    subprocess.run(cmd, check=True)
+    stamp.write_text(json.dumps({"key": key, "wheel": str(wheel), **facts}, indent=1))
+
+
+def ensure(mode: str, cache: Path) -> str:
+    """Make sure a MinkowskiEngine matching this torch and patch set is installed."""
+    mode = detect_mode(mode)
+    key, facts = build_key(mode)
+    if installed_key() == key and import_ok()[0]:
+        log(f"up to date ({key})")
+        return key
+    wheel_dir = cache / "wheels" / key
+    for attempt in (1, 2):
+        wheels = list(wheel_dir.glob("*.whl"))
+        if wheels:
+            log(f"installing cached wheel {wheels[0].name} ({key})")
+        else:
+            wheels = [build_wheel(fetch_sdist(cache), mode, wheel_dir)]
+        install_wheel(wheels[0], key, facts)
+        ok, output = import_ok()
+        if ok:
+            log(f"MinkowskiEngine {output} ready ({mode})")
+            return key
+        log(f"the wheel does not import with this torch, rebuilding: {output.splitlines()[-1:]}")
+        site_stamp().unlink(missing_ok=True)
+        shutil.rmtree(wheel_dir, ignore_errors=True)
+        if attempt == 2:
+            raise BuildError(f"MinkowskiEngine built but does not import:\n{output}")
+    raise AssertionError("unreachable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("auto", "cpu", "cuda"), default=os.environ.get("SPARKME_ME_MODE", "auto"))
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    args = parser.parse_args(argv)
+    try:
+        ensure(args.mode, args.cache)
+    except (BuildError, PatchError) as err:
+        print(f"[minkowski] error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
