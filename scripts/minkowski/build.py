@@ -72,8 +72,19 @@ def fetch_sdist(cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         log("downloading the MinkowskiEngine sdist from PyPI")
         env = dict(os.environ, SETUPTOOLS_USE_DISTUTILS="stdlib")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--no-build-isolation", f"minkowskiengine=={ME_VERSION}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-build-isolation",
+            f"minkowskiengine=={ME_VERSION}",
+            "-d",
+            tmp,
+        ]
         subprocess.run(cmd, check=True, env=env)
         downloaded = Path(tmp) / SDIST_NAME
         verify_sdist(downloaded)
@@ -136,10 +147,14 @@ def build_key(mode: str) -> tuple[str, dict[str, str]]:
 def check_toolchain(mode: str) -> None:
     missing = [tool for tool in ("gcc", "g++") if shutil.which(tool) is None]
     if missing:
-        raise BuildError(f"missing compiler: {', '.join(missing)}. Install build-essential (apt-get install build-essential).")
-    if not Path("/usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h").exists() and not list(
-        Path("/usr/include").glob("**/cblas.h")
-    ) and not os.environ.get("CPATH"):
+        raise BuildError(
+            f"missing compiler: {', '.join(missing)}. Install build-essential (apt-get install build-essential)."
+        )
+    if (
+        not Path("/usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h").exists()
+        and not list(Path("/usr/include").glob("**/cblas.h"))
+        and not os.environ.get("CPATH")
+    ):
         raise BuildError("OpenBLAS headers not found: apt-get install libopenblas-dev")
     if mode == "cuda" and find_nvcc() is None:
         raise BuildError("CUDA build requested but nvcc was not found (set CUDA_HOME)")

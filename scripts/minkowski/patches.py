@@ -110,6 +110,126 @@ PATCHES: tuple[Patch, ...] = (
             ),
         ),
     ),
+    Patch(
+        name="cuda-explicit-thrust-includes",
+        why="CUDA 12/13's CCCL no longer pulls thrust headers in transitively.",
+        cuda_only=True,
+        edits=(
+            _thrust_edit("src/convolution_kernel.cuh", '#include "gpu.cuh"\n#include "kernel_map.cuh"\n'),
+            _thrust_edit(
+                "src/coordinate_map_gpu.cu",
+                '#include "coordinate_map_functors.cuh"\n#include "coordinate_map_gpu.cuh"\n',
+            ),
+            _thrust_edit("src/spmm.cu", '#include "gpu.cuh"\n#include "math_functions.cuh"\n'),
+            _thrust_edit("src/3rdparty/concurrent_unordered_map.cuh", "#include <cudf/detail/nvtx/ranges.hpp>\n"),
+            _thrust_edit(
+                "src/pooling_max_kernel.cu", "#include <thrust/execution_policy.h>\n#include <thrust/fill.h>\n"
+            ),
+            _thrust_edit("src/broadcast_kernel.cu", '#include "allocators.cuh"\n#include "broadcast_kernel.cuh"\n'),
+            _thrust_edit("src/kernel_map.cuh", '#include "3rdparty/hash/hash_allocator.cuh"\n'),
+        ),
+    ),
+    Patch(
+        name="cuda-cccl3-unary-function",
+        why="CCCL 3 removed thrust::unary_function; declare the typedefs directly.",
+        cuda_only=True,
+        edits=(
+            Edit(
+                "src/coordinate_map_functors.cuh",
+                "struct find_coordinate\n"
+                "    : public thrust::unary_function<uint32_t,\n"
+                "                                    thrust::pair<uint32_t, uint32_t>> {\n",
+                "struct find_coordinate {\n"
+                "  using argument_type = uint32_t;\n"
+                "  using result_type = thrust::pair<uint32_t, uint32_t>;\n",
+            ),
+        ),
+    ),
+    Patch(
+        name="cuda-unique-ptr-map",
+        why="newer nvcc + libstdc++ find std::__to_address ambiguous for shared_ptr<map_type>.",
+        cuda_only=True,
+        edits=(
+            Edit(
+                "src/coordinate_map_gpu.cuh",
+                "  std::shared_ptr<map_type> m_map;\n",
+                "  std::unique_ptr<map_type, std::function<void(map_type *)>> m_map;\n",
+            ),
+            Edit(
+                "src/coordinate_map_gpu.cuh",
+                '#include "3rdparty/concurrent_unordered_map.cuh"\n',
+                '#include <functional>\n#include <memory>\n\n#include "3rdparty/concurrent_unordered_map.cuh"\n',
+            ),
+        ),
+    ),
+    Patch(
+        name="cuda13-mem-prefetch",
+        why="CUDA 13 changed cudaMemPrefetchAsync to take a cudaMemLocation and flags.",
+        cuda_only=True,
+        edits=(
+            Edit(
+                "src/3rdparty/concurrent_unordered_map.cuh",
+                "#include <cudf/detail/nvtx/ranges.hpp>\n",
+                "#include <cudf/detail/nvtx/ranges.hpp>\n"
+                "#if defined(CUDART_VERSION) && CUDART_VERSION >= 13000\n"
+                "#define SPARKME_PREFETCH(ptr, n, dev, stream) \\\n"
+                "  cudaMemPrefetchAsync(ptr, n, cudaMemLocation{cudaMemLocationTypeDevice, dev}, 0, stream)\n"
+                "#else\n"
+                "#define SPARKME_PREFETCH(ptr, n, dev, stream) cudaMemPrefetchAsync(ptr, n, dev, stream)\n"
+                "#endif\n",
+            ),
+            Edit(
+                "src/3rdparty/concurrent_unordered_map.cuh",
+                "      CUDA_TRY(\n"
+                "        cudaMemPrefetchAsync(m_hashtbl_values, m_capacity * sizeof(value_type), dev_id, stream));\n"
+                "    }\n"
+                "    CUDA_TRY(cudaMemPrefetchAsync(this, sizeof(*this), dev_id, stream));\n",
+                "      CUDA_TRY(\n"
+                "        SPARKME_PREFETCH(m_hashtbl_values, m_capacity * sizeof(value_type), dev_id, stream));\n"
+                "    }\n"
+                "    CUDA_TRY(SPARKME_PREFETCH(this, sizeof(*this), dev_id, stream));\n",
+            ),
+            Edit(
+                "src/3rdparty/concurrent_unordered_map.cuh",
+                "        CUDA_TRY(\n"
+                "          cudaMemPrefetchAsync(m_hashtbl_values, m_capacity * sizeof(value_type), dev_id, stream));\n",
+                "        CUDA_TRY(\n"
+                "          SPARKME_PREFETCH(m_hashtbl_values, m_capacity * sizeof(value_type), dev_id, stream));\n",
+            ),
+        ),
+    ),
+    Patch(
+        name="cuda-spmm-aten-tensor",
+        why="ATen's CUDA headers need the Tensor definition first with torch >= 2.4.",
+        cuda_only=True,
+        edits=(
+            Edit(
+                "src/spmm.cu",
+                "#include <ATen/cuda/CUDAContext.h>\n",
+                "#include <ATen/core/Tensor.h>\n#include <ATen/cuda/CUDAContext.h>\n",
+            ),
+        ),
+    ),
+    Patch(
+        name="cuda-setup-nvtx-and-cccl",
+        why="the vendored cuDF nvtx3 header clashes with CUB's (NVTX_DISABLE); CUDA 13 keeps "
+        "thrust/cub under include/cccl, which g++ compiling the .cpp sources must see.",
+        cuda_only=True,
+        edits=(
+            Edit(
+                "setup.py",
+                '    include_dirs=[str(SRC_PATH), str(SRC_PATH / "3rdparty"), *include_dirs],\n',
+                '    include_dirs=[str(SRC_PATH), str(SRC_PATH / "3rdparty"), *include_dirs,\n'
+                '                  *[d for d in [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), '
+                '"include", "cccl")] if os.path.isdir(d)]],\n',
+            ),
+            Edit(
+                "setup.py",
+                '        ["pybind/minkowski.cu"],\n        [],\n',
+                '        ["pybind/minkowski.cu"],\n        ["-DNVTX_DISABLE"],\n',
+            ),
+        ),
+    ),
 )
 
 
