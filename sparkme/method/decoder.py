@@ -1,0 +1,75 @@
+"""LightDecoder: the paper's light UNet decoder (appendix A), for any number of scales."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["LightDecoder", "UpBlock"]
+
+
+class UpBlock(nn.Module):
+    """2x transposed-conv upsample, then conv3x3-BN-ReLU6-conv3x3-BN (``cin`` -> ``cout`` channels)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, cin, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.up(x))
+
+
+class LightDecoder(nn.Module):
+    """Upsample from stride ``upsample_ratio`` to the input resolution, adding features on the way.
+
+    There are ``n = log2(upsample_ratio)`` blocks and ``n + 1`` levels; level ``i`` sits at stride
+    ``upsample_ratio / 2**i`` with ``width // 2**i`` channels (``level_widths``). ``forward(features)``
+    takes one tensor (or ``None``) per level, deepest first; a tensor at level ``i`` is added before
+    block ``i`` (level ``n``, stride 1, is added before the final 1x1 conv to 3 channels).
+    ``LightDecoder(768, 32)`` is the paper's decoder: widths 768, 384, 192, 96, 48, 24.
+    """
+
+    def __init__(self, width: int = 768, upsample_ratio: int = 32, out_channels: int = 3) -> None:
+        super().__init__()
+        num_blocks = round(math.log2(upsample_ratio)) if upsample_ratio >= 1 else -1
+        if upsample_ratio < 1 or 2**num_blocks != upsample_ratio:
+            raise ValueError(f"upsample_ratio must be a power of two >= 1 (got {upsample_ratio})")
+        if width // 2**num_blocks < 1:
+            raise ValueError(
+                f"decoder width {width} halves {num_blocks} times to zero channels; use a width >= {2**num_blocks}"
+            )
+        self.width = width
+        self.upsample_ratio = upsample_ratio
+        self.level_widths = [width // 2**i for i in range(num_blocks + 1)]
+        self.blocks = nn.ModuleList(
+            UpBlock(cin, cout) for cin, cout in zip(self.level_widths[:-1], self.level_widths[1:])
+        )
+        self.head = nn.Conv2d(self.level_widths[-1], out_channels, kernel_size=1, bias=True)
+
+    @property
+    def level_strides(self) -> list[int]:
+        """Stride (w.r.t. the input image) of each level, deepest first."""
+        return [self.upsample_ratio // 2**i for i in range(len(self.level_widths))]
+
+    def forward(self, features: list[torch.Tensor | None]) -> torch.Tensor:
+        if len(features) > len(self.level_widths):
+            raise ValueError(f"got {len(features)} feature levels; this decoder has {len(self.level_widths)}")
+        if not features or features[0] is None:
+            raise ValueError("the deepest level (stride upsample_ratio) must be given: it starts the decoder")
+        x = features[0]
+        for i, block in enumerate(self.blocks):
+            if i > 0 and i < len(features) and features[i] is not None:
+                x = x + features[i]
+            x = block(x)
+        if len(features) == len(self.level_widths) and features[-1] is not None:
+            x = x + features[-1]
+        return self.head(x)

@@ -1,0 +1,79 @@
+"""Densify: turn each scale's sparse features into a dense map the decoder can read.
+
+Per scale (paper section 3.2): normalize the features of the active (visible) sites only,
+fill every hidden site with that scale's learnable mask embedding ``[M_i]``, then project to
+the decoder's width at that scale (``phi_i``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Densify", "NORM_KINDS"]
+
+NORM_KINDS = ("bn", "ln")
+
+
+def _active_site_norm(norm_kind: str, channels: int) -> nn.Module:
+    """Normalization over the ``[N, C]`` rows of the active sites: BN for BN-nets, LN for LN-nets."""
+    if norm_kind == "bn":
+        return nn.BatchNorm1d(channels)
+    if norm_kind == "ln":
+        return nn.LayerNorm(channels, eps=1e-6)
+    raise ValueError(f"norm_kind must be one of {NORM_KINDS} (got {norm_kind!r}): 'bn' for BatchNorm nets, else 'ln'")
+
+
+class Densify(nn.Module):
+    """Normalize, mask-embed and project a list of per-scale features.
+
+    ``forward(features, visible)`` takes dense encoder maps ``[B, C_i, H_i, W_i]`` (values at hidden
+    sites are ignored) and bool maps ``[B, H_i, W_i]`` that are True at visible sites, and returns
+    ``[B, out_channels[i], H_i, W_i]``. Statistics of the normalization use visible sites only, so
+    the zeros an encoder leaves at hidden sites never reach BatchNorm's batch statistics.
+    """
+
+    def __init__(
+        self, in_channels: list[int], out_channels: list[int], norm_kind: str, kernel_sizes: list[int]
+    ) -> None:
+        super().__init__()
+        if not len(in_channels) == len(out_channels) == len(kernel_sizes):
+            raise ValueError(
+                f"one entry per scale needed: got {len(in_channels)} input widths, {len(out_channels)} "
+                f"output widths and {len(kernel_sizes)} kernel sizes"
+            )
+        self.norm_kind = norm_kind
+        self.norms = nn.ModuleList(_active_site_norm(norm_kind, channels) for channels in in_channels)
+        self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(channels)) for channels in in_channels)
+        for token in self.mask_tokens:
+            nn.init.trunc_normal_(token, std=0.02, a=-0.04, b=0.04)
+        self.projections = nn.ModuleList(
+            nn.Conv2d(cin, cout, kernel_size=k, padding=k // 2, bias=True)
+            for cin, cout, k in zip(in_channels, out_channels, kernel_sizes, strict=True)
+        )
+
+    def densify_scale(self, index: int, features: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Dense map of scale ``index`` before projection: normalized features, mask embedding elsewhere."""
+        batch, channels, height, width = features.shape
+        if visible.shape != (batch, height, width):
+            raise ValueError(
+                f"scale {index}: features {tuple(features.shape)} do not match the visible map "
+                f"{tuple(visible.shape)}; the encoder's feature_strides must describe its outputs"
+            )
+        sites = features.permute(0, 2, 3, 1)
+        active = self.norms[index](sites[visible])
+        scattered = sites.new_zeros(batch, height, width, channels).index_put((visible,), active)
+        token = self.mask_tokens[index].to(scattered.dtype)
+        dense = torch.where(visible.unsqueeze(-1), scattered, token)
+        return dense.permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, features: list[torch.Tensor], visible: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(features) != len(self.projections) or len(visible) != len(self.projections):
+            raise ValueError(
+                f"expected {len(self.projections)} scales, got {len(features)} feature maps "
+                f"and {len(visible)} visible maps"
+            )
+        return [
+            projection(self.densify_scale(i, feats, vis))
+            for i, (projection, feats, vis) in enumerate(zip(self.projections, features, visible))
+        ]

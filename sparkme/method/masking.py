@@ -1,0 +1,63 @@
+"""Random patch masks: which patches of each image the encoder may not see."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_mask_ratio", "hidden_patch_count", "patch_grid", "random_patch_mask", "upsample_mask"]
+
+
+def check_mask_ratio(mask_ratio: float) -> float:
+    """Return ``mask_ratio`` as a float, refusing values outside the open interval (0, 1)."""
+    ratio = float(mask_ratio)
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"mask_ratio must lie strictly between 0 and 1 (got {mask_ratio}); SparK uses 0.6 by default")
+    return ratio
+
+
+def hidden_patch_count(num_patches: int, mask_ratio: float) -> int:
+    """Number of patches hidden per sample: ``round(num_patches * mask_ratio)``."""
+    return int(round(num_patches * check_mask_ratio(mask_ratio)))
+
+
+def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """Patch grid ``(grid_h, grid_w)`` of an image, refusing sides that are not multiples of ``patch_size``."""
+    if height % patch_size or width % patch_size or height <= 0 or width <= 0:
+        raise ValueError(
+            f"image size {height}x{width} is not a positive multiple of the patch side {patch_size} "
+            f"(the encoder's total stride); resize or crop images to multiples of {patch_size}, e.g. "
+            f"{max(1, round(height / patch_size)) * patch_size}x{max(1, round(width / patch_size)) * patch_size}"
+        )
+    return height // patch_size, width // patch_size
+
+
+def random_patch_mask(
+    batch: int,
+    grid_h: int,
+    grid_w: int,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Bool mask ``[batch, grid_h, grid_w]``, True where a patch is hidden.
+
+    Every sample hides exactly ``round(grid_h * grid_w * mask_ratio)`` patches chosen uniformly at
+    random and independently of the other samples; the same ``generator`` state gives the same mask.
+    """
+    if batch < 1 or grid_h < 1 or grid_w < 1:
+        raise ValueError(f"batch and grid sides must be positive (got batch={batch}, grid={grid_h}x{grid_w})")
+    num_patches = grid_h * grid_w
+    num_hidden = hidden_patch_count(num_patches, mask_ratio)
+    noise_device = generator.device if generator is not None else device
+    noise = torch.rand(batch, num_patches, generator=generator, device=noise_device)
+    hidden_index = noise.argsort(dim=1)[:, :num_hidden]
+    mask = torch.zeros(batch, num_patches, dtype=torch.bool, device=noise_device)
+    mask.scatter_(1, hidden_index, True)
+    if device is not None:
+        mask = mask.to(device)
+    return mask.view(batch, grid_h, grid_w)
+
+
+def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """Repeat each cell of a ``[B, h, w]`` (or ``[B, 1, h, w]``) mask into a ``factor x factor`` block."""
+    return mask.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)

@@ -1,0 +1,192 @@
+"""SparK: sparse masked modeling with a hierarchical decoder (the method core).
+
+``loss, pred, mask = SparK(encoder)(images)``: hide patches, encode the visible ones with a
+sparse encoder, densify every scale with mask embeddings, decode with the light UNet and
+score the reconstruction on hidden patches only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparkme.method.decoder import LightDecoder
+from sparkme.method.densify import NORM_KINDS, Densify
+from sparkme.method.loss import masked_patch_mse, patch_stats, patchify, unpatchify
+from sparkme.method.masking import (
+    check_mask_ratio,
+    hidden_patch_count,
+    patch_grid,
+    random_patch_mask,
+    upsample_mask,
+)
+
+__all__ = ["SparK", "decoder_levels", "no_weight_decay_names"]
+
+
+def decoder_levels(feature_strides: list[int], patch_size: int) -> list[int]:
+    """Decoder level of each encoder scale: ``log2(patch_size / stride)`` (0 = deepest).
+
+    Refuses strides that do not divide the patch side by a power of two, repeated strides, and
+    hierarchies whose deepest stride is not the patch side (the decoder starts there).
+    """
+    levels = []
+    for stride in feature_strides:
+        ratio = patch_size // stride if stride > 0 and patch_size % stride == 0 else 0
+        if ratio < 1 or 2 ** round(math.log2(ratio)) != ratio:
+            raise ValueError(
+                f"feature stride {stride} does not divide the patch side {patch_size} (the encoder's "
+                f"downsample_ratio) by a power of two; strides must be {patch_size}/2**k, e.g. 4, 8, 16, 32"
+            )
+        levels.append(round(math.log2(ratio)))
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"feature strides {list(feature_strides)} repeat a stride; give one feature map per stride")
+    if 0 not in levels:
+        raise ValueError(
+            f"no feature map at the patch side {patch_size}: the deepest stride in {list(feature_strides)} "
+            f"must equal the encoder's downsample_ratio"
+        )
+    return levels
+
+
+def no_weight_decay_names(module: nn.Module) -> set[str]:
+    """Names of trainable parameters that should not be weight-decayed: biases, norm weights, mask embeddings.
+
+    These are exactly the parameters with at most one dimension (mask embeddings are stored as ``[C]``).
+    """
+    return {name for name, param in module.named_parameters() if param.requires_grad and param.ndim <= 1}
+
+
+class SparK(nn.Module):
+    """Masked pretraining model around a sparse encoder.
+
+    ``encoder`` is called as ``encoder(images, visible)`` with ``visible`` bool ``[B, 1, h, w]`` at
+    patch resolution and returns one dense map per scale (zeros at hidden sites); it exposes
+    ``feature_channels``, ``feature_strides``, ``downsample_ratio`` (= patch side) and ``norm_kind``.
+    ``sparkme.sparsify(cnn)`` returns such an encoder.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        mask_ratio: float = 0.6,
+        decoder_width: int = 768,
+        norm_pix_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        for attribute in ("feature_channels", "feature_strides", "downsample_ratio", "norm_kind"):
+            if not hasattr(encoder, attribute):
+                raise TypeError(
+                    f"encoder {type(encoder).__name__} has no attribute {attribute!r}; "
+                    f"wrap the dense network with sparkme.sparsify(cnn)"
+                )
+        channels, strides = list(encoder.feature_channels), list(encoder.feature_strides)
+        if len(channels) != len(strides) or not channels:
+            raise ValueError(f"encoder gives {len(channels)} feature_channels but {len(strides)} feature_strides")
+        if encoder.norm_kind not in NORM_KINDS:
+            raise ValueError(f"encoder.norm_kind must be one of {NORM_KINDS} (got {encoder.norm_kind!r})")
+        self.encoder = encoder
+        self.mask_ratio = check_mask_ratio(mask_ratio)
+        self.norm_pix_loss = norm_pix_loss
+        self.patch_size = int(encoder.downsample_ratio)
+        self.feature_strides = strides
+        self.levels = decoder_levels(strides, self.patch_size)
+        self.decoder = LightDecoder(decoder_width, self.patch_size)
+        # The deepest map gets a 1x1 projection; finer maps a 3x3 one so that the projection
+        # also mixes each visible site with the mask embeddings around it.
+        self.densify = Densify(
+            channels,
+            [self.decoder.level_widths[level] for level in self.levels],
+            encoder.norm_kind,
+            [1 if level == 0 else 3 for level in self.levels],
+        )
+
+    def sample_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A fresh random mask ``[B, h, w]`` (True = hidden) for ``images``."""
+        grid_h, grid_w = self._grid(images)
+        num_patches = grid_h * grid_w
+        num_hidden = hidden_patch_count(num_patches, self.mask_ratio)
+        if not 0 < num_hidden < num_patches:
+            raise ValueError(
+                f"a {grid_h}x{grid_w} patch grid with mask_ratio {self.mask_ratio} hides {num_hidden} of "
+                f"{num_patches} patches; at least one patch must be hidden and one visible: use larger "
+                f"images (multiples of {self.patch_size}) or another mask_ratio"
+            )
+        return random_patch_mask(images.shape[0], grid_h, grid_w, self.mask_ratio, generator, device=images.device)
+
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(loss, pred, mask)``.
+
+        ``pred`` is the decoder output ``[B, 3, H, W]`` in the target space (per-patch normalized
+        pixels when ``norm_pix_loss``); ``mask`` is bool ``[B, h, w]``, True where a patch was hidden.
+        A ``mask`` may be passed instead of sampling one (e.g. to compare runs).
+        """
+        mask = self.sample_mask(images, generator) if mask is None else self._check_mask(mask, images)
+        pred = self.predict(images, mask)
+        loss = masked_patch_mse(pred, images, mask, self.patch_size, self.norm_pix_loss)
+        return loss, pred, mask
+
+    def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decoder output ``[B, 3, H, W]`` for ``images`` with the patches of ``mask`` hidden."""
+        visible = ~mask
+        features = self.encoder(images, visible.unsqueeze(1))
+        if len(features) != len(self.levels):
+            raise ValueError(f"encoder returned {len(features)} feature maps, its feature_strides list {len(self.levels)}")
+        visible_maps = [upsample_mask(visible, self.patch_size // stride) for stride in self.feature_strides]
+        densified = self.densify(list(features), visible_maps)
+        decoder_inputs: list[torch.Tensor | None] = [None] * len(self.decoder.level_widths)
+        for level, feature in zip(self.levels, densified):
+            decoder_inputs[level] = feature
+        return self.decoder(decoder_inputs)
+
+    @torch.no_grad()
+    def reconstruct(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Images ready to plot, in the same (normalized) space as ``images``.
+
+        Returns ``input``, ``masked`` (hidden patches set to 0), ``reconstruction`` (prediction with
+        each hidden patch's own mean/std restored and the visible patches pasted back) and ``mask``.
+        Runs in the module's current mode: call ``eval()`` first for BatchNorm running statistics.
+        """
+        mask = self.sample_mask(images, generator) if mask is None else self._check_mask(mask, images)
+        pred = self.predict(images, mask)
+        if self.norm_pix_loss:
+            mean, std = patch_stats(patchify(images, self.patch_size))
+            pred = unpatchify(patchify(pred, self.patch_size) * std + mean, self.patch_size, images.shape[1])
+        hidden = upsample_mask(mask, self.patch_size).unsqueeze(1)
+        return {
+            "input": images,
+            "masked": images.masked_fill(hidden, 0.0),
+            "reconstruction": torch.where(hidden, pred.to(images.dtype), images),
+            "mask": mask,
+        }
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Two optimizer groups: ``weight_decay`` for weights, 0 for biases, norms and mask embeddings."""
+        skip = no_weight_decay_names(self)
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if name in skip else decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _grid(self, images: torch.Tensor) -> tuple[int, int]:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W] (got shape {tuple(images.shape)})")
+        return patch_grid(images.shape[-2], images.shape[-1], self.patch_size)
+
+    def _check_mask(self, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        expected = (images.shape[0], *self._grid(images))
+        if mask.dtype != torch.bool or tuple(mask.shape) != expected:
+            raise ValueError(
+                f"mask must be bool {list(expected)} (True = hidden patch); got {mask.dtype} {list(mask.shape)}"
+            )
+        if mask.flatten(1).all(dim=1).any() or not mask.flatten(1).any(dim=1).all():
+            raise ValueError("every sample's mask must hide at least one patch and leave at least one visible")
+        return mask.to(images.device)

@@ -1,0 +1,59 @@
+"""Fixtures for the method tests: a masked-dense stand-in encoder (no sparse engine needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class MaskedDenseEncoder(nn.Module):
+    """Small dense CNN that zeroes hidden input pixels and every stage output at hidden sites.
+
+    It honours the SparseEncoder contract (hidden pixels cannot reach any feature), so the method
+    can be tested without the sparse engine. One stage per stride, each halving the resolution
+    (the first one reaches ``strides[0]`` with a strided ``kernel = stride`` conv).
+    """
+
+    def __init__(self, strides: tuple[int, ...] = (4, 8, 16, 32), channels: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        channels = channels or tuple(8 * 2**i for i in range(len(strides)))
+        self.feature_strides = list(strides)
+        self.feature_channels = list(channels)
+        self.downsample_ratio = strides[-1]
+        self.norm_kind = "bn"
+        stages, cin, previous = [], 3, 1
+        for stride, cout in zip(strides, channels):
+            step = stride // previous
+            stages.append(
+                nn.Sequential(
+                    nn.Conv2d(cin, cout, kernel_size=step + (step == 2), stride=step, padding=int(step == 2)),
+                    nn.BatchNorm2d(cout),
+                    nn.ReLU(),
+                )
+            )
+            cin, previous = cout, stride
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
+        def at(size: tuple[int, int]) -> torch.Tensor:
+            return nn.functional.interpolate(visible.float(), size=size, mode="nearest")
+
+        x = images * at(images.shape[-2:])
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            x = x * at(x.shape[-2:])
+            features.append(x)
+        return features
+
+
+@pytest.fixture
+def stand_in_encoder():
+    """Factory: ``stand_in_encoder(strides=(4, 8, 16, 32))`` -> a fresh masked-dense encoder."""
+
+    def build(strides: tuple[int, ...] = (4, 8, 16, 32), channels: tuple[int, ...] | None = None) -> nn.Module:
+        torch.manual_seed(0)
+        return MaskedDenseEncoder(strides, channels)
+
+    return build
