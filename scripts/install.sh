@@ -19,6 +19,9 @@ die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
 
 # --- system packages -------------------------------------------------------------
 APT_PACKAGES=(build-essential ninja-build libopenblas-dev python3-venv)
+# the extension build needs the interpreter's C headers (pyenv/conda pythons ship them)
+"$PY" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null \
+    || APT_PACKAGES+=(python3-dev)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
