@@ -29,14 +29,14 @@ __all__ = ["SparseConvFn", "BACKENDS", "DEFAULT_BACKEND", "get_backend", "regist
 class SparseConvFn(Protocol):
     def __call__(
         self,
-        x: "object",  # MinkowskiEngine.SparseTensor
+        x: object,  # MinkowskiEngine.SparseTensor
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         *,
         stride: tuple[int, int],
         dilation: tuple[int, int],
         groups: int,
-    ) -> "object": ...
+    ) -> object: ...
 
 
 BACKENDS: dict[str, SparseConvFn] = {}

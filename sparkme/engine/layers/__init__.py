@@ -1,0 +1,5 @@
+"""Sparse implementations of the torch functions dense CNN modules call (registered on import)."""
+
+from . import conv, linear, norm, pool, reduce
+
+__all__ = ["conv", "linear", "norm", "pool", "reduce"]

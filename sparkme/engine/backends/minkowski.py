@@ -1,0 +1,85 @@
+"""The "minkowski" backend: MinkowskiEngine's stock convolution kernels.
+
+Dense ``Conv2d`` weights ``[out, in // groups, kh, kw]`` are used as they are (no copy kept):
+the Minkowski kernel is ``W.permute(3, 2, 1, 0).reshape(kh * kw, in, out)`` because ME
+enumerates kernel offsets with the first spatial axis (y) varying fastest. 1x1 stride-1
+convolutions are a plain ``mm``. ME has no groups: grouped and depthwise convolutions run on
+ME's kernel map (which input site feeds which output site for each offset), the same scheme
+``MinkowskiChannelwiseConvolution`` uses, with one gather and one ``index_add`` for all offsets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import register_backend
+
+__all__ = ["minkowski_conv"]
+
+
+def _out_key(x, stride: tuple[int, int]):
+    return x.coordinate_map_key if stride == (1, 1) else x.coordinate_manager.stride(x.coordinate_map_key, list(stride))
+
+
+def _grouped(x, weight: torch.Tensor, out_key, stride, dilation, groups: int) -> torch.Tensor:
+    out_channels, in_per_group, kh, kw = weight.shape
+    out_per_group = out_channels // groups
+    manager = x.coordinate_manager
+    kernel_map = manager.kernel_map(
+        x.coordinate_map_key, out_key, stride=list(stride), kernel_size=[kh, kw], dilation=list(dilation)
+    )
+    features = x.F
+    # kernel offset index k = ix * kh + iy  ->  weight[..., iy, ix]
+    per_offset = weight.permute(3, 2, 0, 1).reshape(kh * kw, groups, out_per_group, in_per_group)
+    out = features.new_zeros(manager.size(out_key), out_channels)
+    if in_per_group == 1 and out_per_group == 1:  # depthwise: one gather, one scale, one scatter
+        offsets = sorted(kernel_map)
+        maps = [kernel_map[k].long().to(features.device) for k in offsets]
+        in_rows = torch.cat([m[0] for m in maps])
+        out_rows = torch.cat([m[1] for m in maps])
+        which = torch.cat(
+            [torch.full((m.shape[1],), k, dtype=torch.long, device=features.device) for k, m in zip(offsets, maps)]
+        )
+        scale = per_offset.reshape(kh * kw, out_channels).index_select(0, which)
+        return out.index_add(0, out_rows, features.index_select(0, in_rows) * scale)
+    for offset, rows in kernel_map.items():
+        rows = rows.long().to(features.device)
+        source = features.index_select(0, rows[0]).reshape(-1, groups, in_per_group)
+        contribution = torch.einsum("ngi,goi->ngo", source, per_offset[offset]).reshape(-1, out_channels)
+        out = out.index_add(0, rows[1], contribution)
+    return out
+
+
+def minkowski_conv(
+    x,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+):
+    """Submanifold (stride 1) or strided sparse convolution with dense-layout weights."""
+    import MinkowskiEngine as ME
+    from MinkowskiEngine.MinkowskiConvolution import MinkowskiConvolutionFunction
+    from MinkowskiEngineBackend._C import ConvolutionMode
+
+    out_channels, in_per_group, kh, kw = weight.shape
+    stride, dilation = tuple(stride), tuple(dilation)
+    out_key = _out_key(x, stride)
+    if groups == 1 and (kh, kw) == (1, 1) and stride == (1, 1):
+        out = x.F.mm(weight.reshape(out_channels, in_per_group).t())
+    elif groups == 1:
+        kernel = weight.permute(3, 2, 1, 0).reshape(kh * kw, in_per_group, out_channels).contiguous()
+        generator = ME.KernelGenerator(kernel_size=[kh, kw], stride=list(stride), dilation=list(dilation), dimension=2)
+        out = MinkowskiConvolutionFunction.apply(
+            x.F, kernel, generator, ConvolutionMode.DEFAULT, x.coordinate_map_key, out_key, x.coordinate_manager
+        )
+    else:
+        out = _grouped(x, weight, out_key, stride, dilation, groups)
+    if bias is not None:
+        out = out + bias
+    return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)
+
+
+register_backend("minkowski", minkowski_conv)

@@ -1,0 +1,197 @@
+"""SparseEncoder and ``sparsify``: any dense CNN run on visible sites only, with its dense weights.
+
+The encoder keeps a deep copy of the dense model, unchanged: same modules, same parameter names
+and layouts, so ``dense_state_dict()`` is its ``state_dict()`` and round trips are bitwise. What
+changes is the activation: a :class:`SparseMap` flows through the model's own forward code and
+every torch function the modules call runs on the active sites only. Forward hooks on the stage
+modules collect the hierarchical features and stop the forward after the last one (the head
+never runs).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import layers  # noqa: F401  (registers the sparse implementations)
+from .backends import get_backend
+from .check import check_modules
+from .hierarchy import Stage, encoder_forward, find_stages
+from .sites import visible_to_pixels
+from .sparse_map import SparseContext, SparseMap
+
+__all__ = ["SparseEncoder", "sparsify"]
+
+
+class _StopEncoding(Exception):
+    """Raised by the last stage's hook: the rest of the model (the head) must not run."""
+
+
+def _enter_module(module: nn.Module, args: tuple) -> None:
+    for arg in args:
+        if isinstance(arg, SparseMap):
+            arg.ctx.module_stack.append(getattr(module, "_sparkme_label", type(module).__name__))
+            return
+
+
+def _exit_module(module: nn.Module, args: tuple, output) -> None:
+    for arg in args:
+        if isinstance(arg, SparseMap):
+            if arg.ctx.module_stack:
+                arg.ctx.module_stack.pop()
+            return
+
+
+class SparseEncoder(nn.Module):
+    """A dense CNN that encodes only the visible pixels of masked images (see :func:`sparsify`).
+
+    ``encoder(images, visible)`` returns the hierarchical features as dense tensors
+    ``[B, C_i, H / s_i, W / s_i]`` with zeros at hidden sites; ``forward_sparse`` returns
+    MinkowskiEngine ``SparseTensor``s. ``feature_channels``, ``feature_strides``,
+    ``downsample_ratio`` (the patch side), ``norm_kind`` ("bn" or "ln") and ``model_name``
+    describe it to the SparK model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: Sequence[Stage],
+        backend: str = "minkowski",
+        model_name: str | None = None,
+        norm_kind: str = "bn",
+    ):
+        super().__init__()
+        self.model = model
+        self.stages = list(stages)
+        self.feature_channels = [s.channels for s in self.stages]
+        self.feature_strides = [s.stride for s in self.stages]
+        self.downsample_ratio = self.feature_strides[-1]
+        self.model_name = model_name
+        self.norm_kind = norm_kind
+        self.set_backend(backend)
+        for name, module in model.named_modules():
+            module._sparkme_label = f"{name or '<root>'} ({type(module).__name__})"
+            module.register_forward_pre_hook(_enter_module)
+            module.register_forward_hook(_exit_module, always_call=True)
+
+    def set_backend(self, name: str) -> None:
+        """Switch the sparse convolution backend ("minkowski": stock ME; "gather": sparkme's fast path)."""
+        get_backend(name)
+        self.backend = name
+
+    def extra_repr(self) -> str:
+        return (
+            f"model_name={self.model_name}, channels={self.feature_channels}, strides={self.feature_strides}, "
+            f"backend={self.backend!r}"
+        )
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward_maps(self, images: torch.Tensor, visible: torch.Tensor) -> list[SparseMap]:
+        """The stage outputs as :class:`SparseMap` (features, sites, stride)."""
+        import MinkowskiEngine as ME
+
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor [B, C, H, W], got {getattr(images, 'shape', images)!r}")
+        batch, _, height, width = images.shape
+        ratio = self.downsample_ratio
+        if height % ratio or width % ratio:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the encoder's downsample ratio {ratio}; "
+                f"resize or crop to a multiple of {ratio}"
+            )
+        visible = visible_to_pixels(visible.to(images.device), (height, width))
+        if visible.shape[0] != batch:
+            raise ValueError(f"visible has batch {visible.shape[0]}, images have {batch}")
+        map_type = ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU
+        manager = ME.CoordinateManager(D=2, coordinate_map_type=map_type)
+        coords = visible.nonzero().to(torch.int32).contiguous()
+        if coords.shape[0] == 0:
+            raise ValueError("the mask hides every pixel of every image; nothing to encode")
+        key, (unique, _) = manager.insert_and_map(coords, tensor_stride=[1, 1], string_id="")
+        rows = coords.long().index_select(0, unique.long().to(coords.device))
+        features = images.permute(0, 2, 3, 1)[rows[:, 0], rows[:, 1], rows[:, 2]]
+        ctx = SparseContext(manager, batch, (height, width), get_backend(self.backend), images.device)
+        outputs: dict[int, SparseMap] = {}
+        handles = []
+        for index, stage in enumerate(self.stages):
+
+            def collect(module, args, output, index=index, stage=stage):
+                if not isinstance(output, SparseMap):
+                    raise RuntimeError(f"stage {stage.name} returned {type(output).__name__}, not a sparse map")
+                outputs[index] = output.with_features(output.features)  # later in-place ops must not reach it
+                if len(outputs) == len(self.stages):
+                    raise _StopEncoding
+
+            handles.append(self.model.get_submodule(stage.name).register_forward_hook(collect))
+        try:
+            with torch.autocast(images.device.type, enabled=False):
+                encoder_forward(self.model)(SparseMap(features, key, (1, 1), ctx))
+        except _StopEncoding:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [s.name for i, s in enumerate(self.stages) if i not in outputs]
+        if missing:
+            raise RuntimeError(f"stages {missing} never ran in {type(self.model).__name__}'s forward")
+        return [outputs[i] for i in range(len(self.stages))]
+
+    def forward(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
+        """Hierarchical features as dense ``[B, C_i, H_i, W_i]`` tensors, zeros at hidden sites."""
+        return [m.dense() for m in self.forward_maps(images, visible)]
+
+    def forward_sparse(self, images: torch.Tensor, visible: torch.Tensor) -> list:
+        """Hierarchical features as MinkowskiEngine ``SparseTensor``s (one coordinate manager)."""
+        return [m.sparse_tensor() for m in self.forward_maps(images, visible)]
+
+    # ---- weights -----------------------------------------------------------------------------
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """The dense model's weights, keyed exactly like the source model (copies)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_dense_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        """Load weights keyed like the source dense model."""
+        return self.model.load_state_dict(state_dict, strict=strict)
+
+
+def _model_name(model: nn.Module) -> str | None:
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and cfg.get("architecture"):
+            return str(cfg["architecture"])
+    return None
+
+
+def _scope(model: nn.Module, stages: Sequence[Stage], fired: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """The modules that run before the last stage ends (the head is never run, so never checked)."""
+    named = list(model.named_modules())
+    if fired:
+        ran = set(fired)
+        return [(n, m) for n, m in named if not n or n in ran]
+    last = stages[-1].name
+    end = next(i for i, (n, _) in enumerate(named) if n == last)
+    while end + 1 < len(named) and named[end + 1][0].startswith(last + "."):
+        end += 1
+    return named[: end + 1]
+
+
+def sparsify(cnn: nn.Module, stages: Sequence[str] | None = None, backend: str = "minkowski") -> SparseEncoder:
+    """Turn a dense CNN into a :class:`SparseEncoder` that computes only at visible sites.
+
+    ``cnn`` is a timm model (``features_only`` or not) or any ``nn.Module``; it is deep-copied
+    and left untouched. ``stages`` names the modules whose outputs are the hierarchical features
+    (default: timm ``feature_info`` entries with reduction >= 4, else found by a dense probe).
+    Raises :class:`UnsupportedLayerError` naming every module that cannot keep sparse semantics.
+    """
+    if not isinstance(cnn, nn.Module):
+        raise TypeError(f"sparsify expects an nn.Module, got {type(cnn).__name__}")
+    get_backend(backend)
+    model = copy.deepcopy(cnn)
+    found, fired = find_stages(model, stages)
+    scope = _scope(model, found, fired)
+    check_modules(scope)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m in scope)
+    return SparseEncoder(model, found, backend, _model_name(model), "bn" if has_bn else "ln")

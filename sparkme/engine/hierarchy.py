@@ -1,0 +1,137 @@
+"""Which modules' outputs are the encoder's hierarchical features (stages), with channels and strides.
+
+Sources, in order: the user's ``stages=`` (module names), timm's ``feature_info`` contract
+(entries with reduction >= 4), else a dense probe forward that picks, for each reduction >= 4,
+the last module whose output has that reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Stage", "find_stages", "resolve_module", "encoder_forward", "PROBE_SIZE"]
+
+PROBE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A feature map the encoder returns: the module producing it, its channels and stride."""
+
+    name: str
+    channels: int
+    stride: int
+
+
+def resolve_module(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """Find a stage module by name; timm's ``features_only`` nets flatten ``stages.1`` to ``stages_1``."""
+    for candidate in (name, name.replace(".", "_")):
+        try:
+            return candidate, model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    names = [n for n, _ in model.named_modules() if n]
+    raise ValueError(f"stage module {name!r} not found in {type(model).__name__}; some module names: {names[:20]}")
+
+
+def encoder_forward(model: nn.Module) -> Callable[[object], object]:
+    """The forward that runs the backbone: timm's ``forward_features`` when present, else ``forward``."""
+    features = getattr(model, "forward_features", None)
+    return features if callable(features) else model
+
+
+def _feature_info(model: nn.Module) -> list[dict] | None:
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        return None
+    dicts = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+    if not dicts or not all(isinstance(d, dict) and {"module", "num_chs", "reduction"} <= d.keys() for d in dicts):
+        return None
+    return dicts
+
+
+def _probe(model: nn.Module, names: Sequence[str] | None) -> list[tuple[int, str, tuple[int, ...] | None]]:
+    """Dense forward of a blank image; records ``(order, name, shape)`` of every module call in order
+    of completion (``shape`` None when the output is not a 4-d tensor)."""
+    records: list[tuple[int, str, tuple[int, ...] | None]] = []
+    handles = []
+    wanted = set(names) if names is not None else None
+    for name, module in model.named_modules():
+        if not name or (wanted is not None and name not in wanted):
+            continue
+
+        def hook(_module, _inputs, output, name=name):
+            is_map = isinstance(output, torch.Tensor) and output.dim() == 4
+            records.append((len(records), name, tuple(output.shape) if is_map else None))
+
+        handles.append(module.register_forward_hook(hook))
+    parameter = next(model.parameters(), None)
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    device = parameter.device if parameter is not None else "cpu"
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            encoder_forward(model)(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, dtype=dtype, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.train(training)
+    return records
+
+
+def find_stages(model: nn.Module, stages: Sequence[str] | None = None) -> tuple[list[Stage], list[str]]:
+    """``(stages, fired)``: the stages in execution order, and (for probed models) the names of the
+    modules that ran up to the last stage (None-equivalent empty list when not probed)."""
+    info = _feature_info(model)
+    if stages is None and info is not None:
+        picked = [d for d in info if d["reduction"] >= 4]
+        if not picked:
+            raise ValueError(f"{type(model).__name__}.feature_info has no entry with reduction >= 4")
+        return [
+            Stage(resolve_module(model, d["module"])[0], int(d["num_chs"]), int(d["reduction"])) for d in picked
+        ], []
+    if stages is not None and info is not None:
+        by_name = {resolve_module(model, d["module"])[0]: d for d in info}
+        resolved = [resolve_module(model, s)[0] for s in stages]
+        if all(name in by_name for name in resolved):
+            return [Stage(n, int(by_name[n]["num_chs"]), int(by_name[n]["reduction"])) for n in resolved], []
+    if stages is not None:
+        resolved = [resolve_module(model, s)[0] for s in stages]
+        records = _probe(model, None)
+        last = {name: (order, shape) for order, name, shape in records if shape is not None}
+        missing = [name for name in resolved if name not in last]
+        if missing:
+            raise ValueError(
+                f"stage modules {missing} produced no 4-d tensor in a dense forward of {type(model).__name__}"
+            )
+        chosen = sorted((last[name][0], name, last[name][1]) for name in resolved)
+    else:
+        records = _probe(model, None)
+        by_reduction: dict[int, tuple[int, str, tuple[int, ...]]] = {}
+        for order, name, shape in records:
+            if shape is None:
+                continue
+            height = shape[2]
+            if height <= 1 or PROBE_SIZE % height or shape[3] * (PROBE_SIZE // height) != PROBE_SIZE:
+                continue
+            reduction = PROBE_SIZE // height
+            if reduction >= 4:
+                by_reduction[reduction] = (order, name, shape)
+        if not by_reduction:
+            raise ValueError(
+                f"could not find downsampling stages in {type(model).__name__}; pass stages=[module names]"
+            )
+        chosen = sorted(by_reduction.values())
+    last_order = chosen[-1][0]
+    fired = sorted({name for order, name, _ in records if order <= last_order})
+    result = [Stage(name, shape[1], PROBE_SIZE // shape[2]) for _, name, shape in chosen]
+    strides = [s.stride for s in result]
+    if strides != sorted(strides):
+        raise ValueError(f"stages {[s.name for s in result]} do not run in order of increasing stride {strides}")
+    return result, fired
