@@ -160,6 +160,36 @@ def check_toolchain(mode: str) -> None:
         raise BuildError("CUDA build requested but nvcc was not found (set CUDA_HOME)")
 
 
+CUDA_LINK_LIBRARIES = ("cublas", "cublasLt", "cusparse", "cudart")
+
+
+def add_pip_cuda_libraries(env: dict[str, str], cuda_home: Path, link_dir: Path) -> None:
+    """Let a minimal CUDA toolkit (nvcc without cuBLAS/cuSPARSE) build against torch's NVIDIA wheels.
+
+    torch's CUDA wheels bring ``nvidia/<cu>/include`` and versioned ``lib*.so.N`` files; the
+    linker needs unversioned names, so they are symlinked into ``link_dir``.
+    """
+    if (cuda_home / "include" / "cublas_v2.h").exists():
+        return
+    import torch
+
+    site = Path(torch.__file__).resolve().parent.parent
+    for include in sorted(site.glob("nvidia/*/include")):
+        if not (include / "cublas_v2.h").exists():
+            continue
+        lib = include.parent / "lib"
+        link_dir.mkdir(parents=True, exist_ok=True)
+        for name in CUDA_LINK_LIBRARIES:
+            found = sorted(lib.glob(f"lib{name}.so.*"))
+            if found and not (link_dir / f"lib{name}.so").exists():
+                (link_dir / f"lib{name}.so").symlink_to(found[0])
+        for var, path in (("CPATH", include), ("LIBRARY_PATH", link_dir), ("LD_LIBRARY_PATH", lib)):
+            env[var] = os.pathsep.join(filter(None, [str(path), env.get(var, "")]))
+        log(f"using torch's NVIDIA libraries from {include.parent} (the toolkit at {cuda_home} has no cuBLAS)")
+        return
+    raise BuildError(f"the CUDA toolkit at {cuda_home} has no cublas_v2.h; install its cuda-libraries-dev part")
+
+
 def build_wheel(sdist: Path, mode: str, out_dir: Path) -> Path:
     check_toolchain(mode)
     with tempfile.TemporaryDirectory(prefix="sparkme-me-build-") as tmp:
@@ -174,6 +204,7 @@ def build_wheel(sdist: Path, mode: str, out_dir: Path) -> Path:
         env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
         if mode == "cuda":
             env["CUDA_HOME"] = str(Path(find_nvcc()).parent.parent)
+            add_pip_cuda_libraries(env, Path(env["CUDA_HOME"]), Path(tmp) / "cuda-links")
         log(f"building ({mode}, MAX_JOBS={env['MAX_JOBS']}); this takes minutes: " + " ".join(cmd[1:]))
         log_path = out_dir.parent / f"build-{out_dir.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
