@@ -1,0 +1,157 @@
+"""Checkpoints: atomic writes, RNG capture, dense-encoder safetensors, and loaders.
+
+A checkpoint ``X.pth`` is a ``torch.save`` dict (keys: ``model``, ``encoder``, ``model_cfg``,
+``model_name``, ``spark_cfg``, ``config``, ``optimizer``, ``epoch``, ``step``, ``rng``,
+``sparkme_version``); ``X.encoder.safetensors`` beside it holds the dense encoder with timm
+keys. Every file is written to a temporary name in the same folder, fsynced and moved into
+place with ``os.replace``, so a crash mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_write_bytes",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_spark",
+    "capture_rng",
+    "restore_rng",
+    "encoder_safetensors_path",
+    "CheckpointError",
+]
+
+REQUIRED_KEYS = ("model", "model_cfg", "spark_cfg", "step", "epoch")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or not a sparkme checkpoint."""
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers only ever see the old or the complete new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            _write(handle, data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _write(handle: io.BufferedWriter, data: bytes) -> None:
+    """The raw write (a seam tests use to simulate a kill halfway through a save)."""
+    handle.write(data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def encoder_safetensors_path(path: str | os.PathLike[str]) -> Path:
+    """``X.pth`` -> ``X.encoder.safetensors``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".pth") + ".encoder.safetensors")
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states of torch (CPU and CUDA), numpy and python, as tensors and plain values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng` (CUDA states are restored when CUDA is available)."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any], model_name: str | None = None) -> Path:
+    """Atomically write ``payload`` to ``path`` and its ``encoder`` state dict as safetensors beside it."""
+    from safetensors.torch import save as safetensors_bytes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoder = payload.get("encoder")
+    if encoder is not None:
+        tensors = {key: value.detach().cpu().contiguous().clone() for key, value in encoder.items()}
+        metadata = {"model_name": str(model_name or payload.get("model_name") or ""), "format": "timm"}
+        atomic_write_bytes(encoder_safetensors_path(path), safetensors_bytes(tensors, metadata=metadata))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a sparkme checkpoint; clear errors for a missing, truncated or foreign file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist (expected a .pth written by sparkme-pretrain)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for damaged archives
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or truncated ({type(error).__name__}: {error}); "
+            "use another checkpoint (e.g. an every-N-epochs one beside last.pth)"
+        ) from error
+    missing = [key for key in REQUIRED_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} is not a sparkme checkpoint: missing keys {missing}")
+    return checkpoint
+
+
+def load_spark(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the SparK model of a checkpoint (dense model from ``model_cfg``, sparsified) and load it."""
+    from sparkme.training.build import build_spark
+
+    checkpoint = load_checkpoint(path, map_location=map_location)
+    model = build_spark(checkpoint["model_cfg"], checkpoint["spark_cfg"], backend=checkpoint.get("backend"))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(map_location)

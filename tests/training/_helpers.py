@@ -1,0 +1,30 @@
+"""Helpers for the training tests: the real configs composed with Hydra, tiny overrides."""
+
+from __future__ import annotations
+
+# Small enough for a busy 2-core CPU: 12 demo images of 32 px, 3 steps per epoch.
+TINY = [
+    "data.image_size=32",
+    "data.dataset.length=12",
+    "train.batch_size=4",
+    "train.epochs=2",
+    "train.device=cpu",
+    "schedule.warmup_epochs=0.5",
+    "checkpoint.every_epochs=1",
+    "reconstruction.every_epochs=1",
+    "reconstruction.num_images=2",
+]
+
+
+def compose(overrides: list[str] | None = None):
+    """The real ``sparkme-pretrain`` config, composed with Hydra's compose API."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="sparkme.conf", version_base="1.3"):
+        return hydra_compose(config_name="pretrain", overrides=list(overrides or []))
+
+
+def tiny(*extra: str):
+    """The composed config shrunk to TINY plus ``extra`` overrides."""
+    return compose([*TINY, *extra])

@@ -1,0 +1,132 @@
+"""Atomic checkpoint files: loaders, RNG capture, and a SIGKILL in the middle of a save."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparkme.training.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    encoder_safetensors_path,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+
+
+def _payload(step: int) -> dict:
+    weight = torch.full((4, 4), float(step))
+    return {
+        "model": {"w": weight},
+        "encoder": {"conv.weight": weight * 2},
+        "model_cfg": {"_target_": "timm.create_model", "model_name": "resnet18", "pretrained": False},
+        "model_name": "resnet18",
+        "spark_cfg": {"mask_ratio": 0.6},
+        "config": "train:\n  seed: 0\n",
+        "optimizer": {},
+        "epoch": 0,
+        "step": step,
+        "rng": capture_rng(),
+        "sparkme_version": "0.1.0",
+    }
+
+
+def test_save_and_load_round_trip_with_safetensors(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    path = save_checkpoint(tmp_path / "last.pth", _payload(3))
+    loaded = load_checkpoint(path)
+    assert loaded["step"] == 3 and torch.equal(loaded["model"]["w"], torch.full((4, 4), 3.0))
+    with safe_open(encoder_safetensors_path(path), "pt") as handle:
+        assert handle.metadata() == {"model_name": "resnet18", "format": "timm"}
+        assert torch.equal(handle.get_tensor("conv.weight"), torch.full((4, 4), 6.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.encoder.safetensors", "last.pth"]
+
+
+def test_load_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pth")
+    broken = tmp_path / "broken.pth"
+    save_checkpoint(broken, _payload(1))
+    broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(broken)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match="not a sparkme checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pth")
+
+
+def test_rng_state_round_trip() -> None:
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    state = capture_rng()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    restore_rng(state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    import sparkme.training.checkpoint as checkpoint
+
+    path, marker = Path(sys.argv[1]), Path(sys.argv[2])
+    payload = torch.load(sys.argv[3], weights_only=True)
+
+    normal_write = checkpoint._write
+
+    def slow_write(handle, data):
+        if ".pth.tmp-" not in handle.name:  # the safetensors file is written normally
+            return normal_write(handle, data)
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        marker.write_text("half written")
+        time.sleep(120)
+
+    checkpoint._write = slow_write
+    checkpoint.save_checkpoint(path, payload)
+    """
+)
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "last.pth"
+    save_checkpoint(path, _payload(1))
+    newer = tmp_path / "newer.pt"
+    torch.save(_payload(2), newer)
+    marker = tmp_path / "marker"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path), str(marker), str(newer)])
+    try:
+        deadline = time.time() + 60
+        while not marker.exists():
+            assert process.poll() is None, "writer exited before reaching the save"
+            assert time.time() < deadline, "writer never reached the save"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert any(p.name.startswith(".") and ".tmp-" in p.name for p in tmp_path.iterdir())  # the torn temp file
+    loaded = load_checkpoint(path)
+    assert loaded["step"] == 1 and torch.equal(loaded["model"]["w"], torch.full((4, 4), 1.0))
+    from safetensors.torch import load_file
+
+    assert set(load_file(encoder_safetensors_path(path))) == {"conv.weight"}  # complete (old or new), never torn

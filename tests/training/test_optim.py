@@ -1,0 +1,61 @@
+"""Schedules and optimizer groups of the paper's recipe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparkme.training.optim import apply_schedule, effective_lr, param_groups
+from sparkme.training.schedule import CosineSchedule
+
+
+def test_effective_lr_scales_with_batch() -> None:
+    assert effective_lr(2e-4, 4096) == pytest.approx(3.2e-3)
+    assert effective_lr(2e-4, 256) == pytest.approx(2e-4)
+
+
+def test_warmup_then_cosine_and_weight_decay_ramp() -> None:
+    schedule = CosineSchedule(peak_lr=1.0, total_steps=100, warmup_steps=10, weight_decay=0.04, weight_decay_end=0.2)
+    lrs = [schedule.lr(step) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # linear warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then decreasing
+    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert schedule.wd(0) == pytest.approx(0.04) and schedule.wd(99) == pytest.approx(0.2)
+    assert schedule.wd(49) < schedule.wd(50)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        CosineSchedule(peak_lr=1.0, total_steps=5, warmup_steps=6)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        self.mask_token = nn.Parameter(torch.zeros(1, 4, 1, 1))
+
+
+def test_no_decay_on_biases_norms_and_mask_embeddings() -> None:
+    net = _Net()
+    decay, plain = param_groups(net)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert [names[id(p)] for p in decay["params"]] == ["conv.weight"]
+    assert {names[id(p)] for p in plain["params"]} == {"conv.bias", "norm.weight", "norm.bias", "mask_token"}
+    optimizer = torch.optim.SGD([decay, plain], lr=0.0)
+    apply_schedule(optimizer, lr=0.5, weight_decay=0.1)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert all(g["lr"] == 0.5 for g in optimizer.param_groups)
+
+
+def test_timm_lamb_builds_from_the_config() -> None:
+    from _helpers import compose
+    from hydra.utils import instantiate
+
+    from sparkme.training.optim import build_optimizer
+
+    cfg = compose()
+    optimizer = build_optimizer(_Net(), instantiate(cfg.optim.optimizer), lr=1e-3)
+    assert type(optimizer).__name__ == "Lamb" and optimizer.defaults["betas"] == (0.9, 0.95)
