@@ -136,7 +136,7 @@ class SparK(nn.Module):
         visible = ~mask
         features = self.encoder(images, visible.unsqueeze(1))
         if len(features) != len(self.levels):
-            raise ValueError(f"encoder returned {len(features)} feature maps, its feature_strides list {len(self.levels)}")
+            raise ValueError(f"encoder returned {len(features)} maps but lists {len(self.levels)} feature_strides")
         visible_maps = [upsample_mask(visible, self.patch_size // stride) for stride in self.feature_strides]
         densified = self.densify(list(features), visible_maps)
         decoder_inputs: list[torch.Tensor | None] = [None] * len(self.decoder.level_widths)

@@ -41,6 +41,7 @@ def test_value_matches_normalized_target_definition():
 def test_perfect_prediction_has_zero_loss():
     images = torch.randn(2, 3, 16, 16)
     patches = patchify(images, 8)
-    normalized = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    std = (patches.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    normalized = (patches - patches.mean(-1, keepdim=True)) / std
     mask = torch.ones(2, 2, 2, dtype=torch.bool)
     assert masked_patch_mse(unpatchify(normalized, 8), images, mask, 8).item() < 1e-10

@@ -1,0 +1,43 @@
+"""sparkme-visualize: the plotting function and the CLI's errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from sparkme.cli.visualize import load_images, main, save_reconstruction_grid
+from sparkme.method import SparK
+
+
+def test_grid_png_has_three_rows_and_one_column_per_image(stand_in_encoder, tmp_path):
+    model = SparK(stand_in_encoder(), decoder_width=32).eval()
+    result = model.reconstruct(torch.randn(3, 3, 64, 64), generator=torch.Generator().manual_seed(0))
+    out = save_reconstruction_grid(result, tmp_path / "sub" / "grid.png", cell_inches=1.0, titles=["a", "b", "c"])
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.size == (300, 300)  # 3 columns x 3 rows of 1 inch at 100 dpi
+
+
+def test_load_images_resizes_crops_and_normalizes(tmp_path):
+    Image.new("RGB", (80, 40), (255, 0, 0)).save(tmp_path / "red.png")
+    images = load_images([tmp_path / "red.png"], 32)
+    assert images.shape == (1, 3, 32, 32)
+    red = torch.tensor([(1 - 0.485) / 0.229, -0.456 / 0.224, -0.406 / 0.225])
+    assert torch.allclose(images[0, :, 0, 0], red, atol=1e-4)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "none.pth"), "x.png", "--out", str(tmp_path / "g.png")])
+    assert exit_info.value.code == 2
+    assert "none.pth does not exist" in capsys.readouterr().err
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path, capsys):
+    checkpoint = tmp_path / "model.pth"
+    checkpoint.write_bytes(b"not read before the images")
+    (tmp_path / "broken.jpg").write_text("this is not a JPEG")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "g.png")])
+    assert exit_info.value.code == 2
+    assert "cannot read image" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
