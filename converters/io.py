@@ -1,0 +1,67 @@
+"""Reading encoder weights (sparkme checkpoints, safetensors) and writing exports to disk."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from .base import Export
+
+__all__ = ["read_encoder", "save_export"]
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    return weights, metadata.get("model_name") or None
+
+
+def read_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Dense encoder weights (timm keys) and the timm model name, when the file records it.
+
+    Accepts a sparkme checkpoint (``encoder`` + ``model_name``), its ``*.encoder.safetensors``
+    sibling (model name in the metadata), or a plain state dict (``.pth``/``.safetensors``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # sparkme checkpoints are weights-only safe
+    except Exception as error:  # torch raises many types for a corrupt or foreign file
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a sparkme checkpoint or a state dict")
+    if "encoder" in obj:
+        return dict(obj["encoder"]), obj.get("model_name")
+    if "model" in obj and not isinstance(obj["model"], torch.Tensor):
+        raise ValueError(
+            f"{path} has a 'model' entry but no 'encoder': re-save it with a current sparkme trainer "
+            "or pass the dense encoder weights"
+        )
+    if obj and all(isinstance(value, torch.Tensor) for value in obj.values()):
+        return obj, None
+    raise ValueError(f"{path} is neither a sparkme checkpoint (keys 'encoder', 'model_name') nor a state dict")
+
+
+def save_export(export: Export, path: str | Path) -> Path:
+    """Write ``export.payload`` in its format's file type; returns the path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if export.format == "safetensors":
+        from safetensors.torch import save_file
+
+        metadata = {"model_name": export.model_name, "format": "timm", "source": "sparkme"}
+        save_file(export.payload, str(path), metadata=metadata)
+    elif export.format == "detectron2":
+        with path.open("wb") as handle:
+            pickle.dump(export.payload, handle)
+    else:
+        torch.save(export.payload, path)
+    return path
