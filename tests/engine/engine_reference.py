@@ -1,4 +1,6 @@
-"""Engine test helpers (imported by the tests as ``engine_reference``; conftest.py puts this folder on sys.path): an INDEPENDENT masked-dense reference, masks, a small user CNN.
+"""Engine test helpers: an INDEPENDENT masked-dense reference, masks, a small user CNN.
+
+Imported by the tests as ``engine_reference`` (conftest.py puts this folder on sys.path).
 
 The reference runs the ordinary dense model and re-applies the mask after every module (forward
 hooks), with BatchNorm / GroupNorm statistics over visible sites only, max pooling that sees
@@ -262,7 +264,7 @@ def _randomize_norms(model: nn.Module) -> None:
     """Non-trivial BN running stats, affine params and layer-scales, so eval mode and GRN are really tested."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
                 module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
