@@ -1,0 +1,100 @@
+"""sparkme-finetune: weights loading, splits, linear probe and fine-tuning on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from sparkme.converters import convert, save_export
+
+from sparkme.cli.finetune import main
+from sparkme.finetune import (
+    FinetuneConfig,
+    build_classifier,
+    folder_splits,
+    resolve_model_name,
+    run_finetune,
+    train_linear_probe,
+)
+
+TINY = dict(train_size=24, val_size=12, image_size=32, batch_size=8)
+
+
+def test_linear_probe_learns_separable_features():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=generator) * 4
+    labels = torch.arange(3).repeat(40)
+    features = centers[labels] + torch.randn(120, 16, generator=generator)
+    metrics = train_linear_probe(
+        (features[:90], labels[:90]), (features[90:], labels[90:]), 3,
+        epochs=30, lr=1e-2, weight_decay=0.0, batch_size=16, seed=0,
+    )  # fmt: skip
+    assert metrics["top1"] > 90 and metrics["train_top1"] > 90
+    shuffled = train_linear_probe(
+        (features[:90], labels[torch.randperm(90, generator=generator)]), (features[90:], labels[90:]), 3,
+        epochs=30, lr=1e-2, weight_decay=0.0, batch_size=16, seed=0,
+    )  # fmt: skip
+    assert shuffled["top1"] < 70  # labels carry no signal: no better than chance-ish
+
+
+def test_classifier_from_exported_weights_keeps_the_trunk(resnet18, tmp_path):
+    path = save_export(convert(resnet18.state_dict(), "resnet18", "safetensors"), tmp_path / "w.safetensors")
+    assert resolve_model_name(path, None) == "resnet18"
+    model = build_classifier("resnet18", num_classes=6, weights=path)
+    assert model.fc.out_features == 6
+    for key, value in resnet18.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve_model_name(path, "convnext_atto")
+    with pytest.raises(ValueError, match="pass --model"):
+        resolve_model_name(None, None)
+
+
+def test_linear_probe_run_is_deterministic_and_written(tmp_path):
+    cfg = FinetuneConfig(model="resnet18", mode="linear", epochs=3, seeds=[0, 1], **TINY)
+    first = run_finetune(cfg, out=tmp_path / "r.json")
+    again = run_finetune(FinetuneConfig(model="resnet18", mode="linear", epochs=3, seeds=[0, 1], **TINY))
+    assert [run["top1"] for run in first["runs"]] == [run["top1"] for run in again["runs"]]
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["model"] == "resnet18" and written["val_images"] == 12 and len(written["runs"]) == 2
+    assert 0 <= written["top1_mean"] <= 100 and written["config"]["mode"] == "linear"
+
+
+def test_finetune_with_mixup_and_layer_decay(resnet18, tmp_path):
+    path = save_export(convert(resnet18.state_dict(), "resnet18", "timm"), tmp_path / "w.pth")
+    cfg = FinetuneConfig(
+        weights=str(path), model="resnet18", mode="finetune", epochs=1, mixup=True, layer_decay=0.75, **TINY
+    )
+    results = run_finetune(cfg)
+    assert 0 <= results["runs"][0]["top1"] <= 100 and results["runs"][0]["final_loss"] > 0
+
+
+def test_folder_splits(tmp_path):
+    for name in ("cats", "dogs"):
+        (tmp_path / "flat" / name).mkdir(parents=True)
+        for index in range(5):
+            Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(tmp_path / "flat" / name / f"{index}.png")
+    splits = folder_splits(tmp_path / "flat", 0.2, 0, None, None)
+    assert splits.classes == ["cats", "dogs"] and (len(splits.train), len(splits.val)) == (8, 2)
+    again = folder_splits(tmp_path / "flat", 0.2, 0, None, None)
+    assert again.val.indices == splits.val.indices  # fixed held-out split across runs
+    for split in ("train", "val"):
+        (tmp_path / "split" / split / "a").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "split" / split / "a" / "x.png")
+    assert len(folder_splits(tmp_path / "split", 0.2, 0, None, None).val) == 1
+    with pytest.raises(FileNotFoundError):
+        folder_splits(tmp_path / "missing", 0.2, 0, None, None)
+
+
+def test_cli_runs_and_rejects_bad_options(tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    args = ["--model", "resnet18", "--train-size", "16", "--val-size", "8", "--image-size", "32", "--epochs", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "held-out top-1" in capsys.readouterr().out and json.loads(out.read_text())["runs"]
+    assert main([*args, "--mixup"]) == 2
+    assert "finetune only" in capsys.readouterr().err
+    assert main(["--train-size", "16"]) == 2
+    assert "pass --model" in capsys.readouterr().err
