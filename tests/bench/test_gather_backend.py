@@ -137,7 +137,9 @@ def test_matches_minkowski_convolution(case, bias: bool, dtype: torch.dtype) -> 
     x, features, weight_s, bias_s, out = _gather_run(images, visible, weight, bias_t, stride, dilation, 1)
 
     features_me = x.F.detach().clone().requires_grad_(True)
-    x_me = ME.SparseTensor(features_me, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+    x_me = ME.SparseTensor(
+        features_me, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager
+    )
     conv = _minkowski_conv(weight, bias_t, kernel, stride, dilation)
     out_me = conv(x_me)
     assert out_me.coordinate_map_key == out.coordinate_map_key

@@ -47,6 +47,7 @@ class NeighbourPlan:
     table: torch.Tensor  # [num_out, volume] int64
     num_in: int
     symmetric: bool  # stride 1, odd kernel: input-grad is the flipped-kernel convolution
+    scratch: Scratch = field(default_factory=lambda: Scratch(), repr=False)
     _inverse: torch.Tensor | None = field(default=None, repr=False)
     _columns: torch.Tensor | None = field(default=None, repr=False)
 
@@ -72,17 +73,52 @@ class NeighbourPlan:
             self._inverse = _invert(self.table, self.num_in)
         return self._inverse
 
+    def padded(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` with a zero row appended (index ``len(rows)``), in scratch memory."""
+        padded = self.scratch.take("padded", (rows.shape[0] + 1, rows.shape[1]), rows)
+        padded[:-1].copy_(rows)
+        padded[-1].zero_()
+        return padded
+
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[num_out, volume * C]``: each output's neighbour rows side by side (zeros where missing)."""
-        padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-        return padded.index_select(0, self.table.view(-1)).view(self.num_out, -1)
+        """``[num_out, volume * C]``: each output's neighbour rows side by side (zeros where missing).
+
+        The result lives in scratch memory: consume it before the next ``gather``/``scatter``.
+        """
+        columns = self.scratch.take("columns", (self.table.numel(), rows.shape[1]), rows)
+        torch.index_select(self.padded(rows), 0, self.table.view(-1), out=columns)
+        return columns.view(self.num_out, -1)
 
     def scatter(self, columns: torch.Tensor) -> torch.Tensor:
         """Adjoint of ``gather``: sum ``[num_out * volume, C]`` rows back onto the ``num_in`` inputs."""
-        padded = torch.cat([columns, columns.new_zeros(1, columns.shape[1])])
         inverse = self.inverse
-        picked = padded.index_select(0, inverse.view(-1)).view(self.num_in, inverse.shape[1], -1)
-        return picked.sum(1) if inverse.shape[1] > 1 else picked[:, 0]
+        padded = self.padded(columns)
+        picked = self.scratch.take("columns", (inverse.numel(), columns.shape[1]), columns)
+        torch.index_select(padded, 0, inverse.view(-1), out=picked)
+        picked = picked.view(self.num_in, inverse.shape[1], -1)
+        return picked.sum(1) if inverse.shape[1] > 1 else picked[:, 0].clone()
+
+
+class Scratch:
+    """Reusable CPU buffers for one batch's gathers, shared by all layers on a coordinate manager.
+
+    A fresh 10-100 MB CPU tensor page-faults on every call (glibc returns big blocks to the OS),
+    which costs as much as the gather itself; CUDA's caching allocator needs no help.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor; valid until the next ``take`` of the same ``slot``."""
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        numel = shape[0] * shape[1]
+        buffer = self._buffers.get((slot, like.dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=like.dtype)
+            self._buffers[(slot, like.dtype)] = buffer
+        return buffer[:numel].view(shape)
 
 
 def _invert(table: torch.Tensor, num_in: int) -> torch.Tensor:
@@ -116,19 +152,21 @@ def neighbour_plan(
 ) -> NeighbourPlan:
     """The (cached) neighbour table from ``x``'s coordinates to ``out_key``'s, from ME's kernel map."""
     manager = x.coordinate_manager
-    cache = _PLANS.setdefault(manager, {})
+    cache = _PLANS.setdefault(manager, {"scratch": Scratch()})
     in_key = x.coordinate_map_key
     cache_key = (_key_id(in_key), _key_id(out_key), kernel, dilation, x.device)
     plan = cache.get(cache_key)
     if plan is None:
-        kernel_map = manager.kernel_map(in_key, out_key, stride=list(stride), kernel_size=list(kernel), dilation=list(dilation))
+        kernel_map = manager.kernel_map(
+            in_key, out_key, stride=list(stride), kernel_size=list(kernel), dilation=list(dilation)
+        )
         num_in, num_out = manager.size(in_key), manager.size(out_key)
         table = torch.full((num_out, kernel[0] * kernel[1]), num_in, dtype=torch.long, device=x.device)
         for offset, in_out in kernel_map.items():
             in_out = in_out.to(device=x.device, dtype=torch.long)
             table[in_out[1], int(offset)] = in_out[0]
         symmetric = stride == (1, 1) and kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and num_in == num_out
-        plan = NeighbourPlan(table=table, num_in=num_in, symmetric=symmetric)
+        plan = NeighbourPlan(table=table, num_in=num_in, symmetric=symmetric, scratch=cache["scratch"])
         cache[cache_key] = plan
     return plan
 
@@ -215,7 +253,7 @@ class _DepthwiseFunction(Function):
         dtype = _compute_dtype(features.device, features.dtype)
         with torch.autocast(features.device.type, enabled=False):
             features_c, weight_c = features.to(dtype), weight.to(dtype)
-            out = _weighted_neighbour_sum(features_c, weight_c, plan.columns)
+            out = _weighted_neighbour_sum(features_c, weight_c, plan)
         ctx.save_for_backward(features_c, weight_c)
         ctx.plan = plan
         ctx.dtypes = (features.dtype, weight.dtype)
@@ -229,25 +267,34 @@ class _DepthwiseFunction(Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             grad_out = grad_out.to(weight.dtype).contiguous()
             if ctx.needs_input_grad[1]:
-                padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
-                grad_weight = torch.stack(
-                    [(padded.index_select(0, column) * grad_out).sum(0) for column in plan.columns]
-                ).to(ctx.dtypes[1])
+                grad_weight = _depthwise_weight_grad(features, grad_out, plan).to(ctx.dtypes[1])
             if ctx.needs_input_grad[0]:
                 if plan.symmetric:
-                    grad_features = _weighted_neighbour_sum(grad_out, weight.flip(0), plan.columns)
+                    grad_features = _weighted_neighbour_sum(grad_out, weight.flip(0), plan)
                 else:
                     grad_features = _depthwise_input_grad(grad_out, weight, plan)
                 grad_features = grad_features.to(ctx.dtypes[0])
         return grad_features, grad_weight, None
 
 
-def _weighted_neighbour_sum(rows: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    out = rows.new_zeros(columns.shape[1], rows.shape[1])
-    for column, tap in zip(columns, weight):
-        out.addcmul_(padded.index_select(0, column), tap)
+def _weighted_neighbour_sum(rows: torch.Tensor, weight: torch.Tensor, plan: NeighbourPlan) -> torch.Tensor:
+    padded = plan.padded(rows)
+    out = rows.new_zeros(plan.num_out, rows.shape[1])
+    picked = plan.scratch.take("columns", (plan.num_out, rows.shape[1]), rows)
+    for column, tap in zip(plan.columns, weight):
+        torch.index_select(padded, 0, column, out=picked)
+        out.addcmul_(picked, tap)
     return out
+
+
+def _depthwise_weight_grad(features: torch.Tensor, grad_out: torch.Tensor, plan: NeighbourPlan) -> torch.Tensor:
+    padded = plan.padded(features)
+    picked = plan.scratch.take("columns", (plan.num_out, features.shape[1]), features)
+    grad = features.new_empty(plan.volume, features.shape[1])
+    for tap, column in enumerate(plan.columns):
+        torch.index_select(padded, 0, column, out=picked)
+        grad[tap] = (picked * grad_out).sum(0)
+    return grad
 
 
 def _depthwise_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, plan: NeighbourPlan) -> torch.Tensor:
