@@ -26,5 +26,6 @@ def compose(overrides: list[str] | None = None):
 
 
 def tiny(*extra: str):
-    """The composed config shrunk to TINY plus ``extra`` overrides."""
-    return compose([*TINY, *extra])
+    """The composed config shrunk to TINY plus ``extra`` overrides (demo-only ones dropped for other data)."""
+    base = TINY if "data=imagefolder" not in extra else [o for o in TINY if not o.startswith("data.dataset.")]
+    return compose([*base, *extra])

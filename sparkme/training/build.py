@@ -1,0 +1,98 @@
+"""Build the pretraining model from plain configs, refusing bad input before any training."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "instantiate_unwrapped",
+    "build_dense_model",
+    "build_spark",
+    "check_model_name",
+    "check_image_size",
+    "model_name_of",
+]
+
+
+def instantiate_unwrapped(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that re-raises the target's own error (a clear message) unwrapped."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError | TypeError | FileNotFoundError | ImportError):
+            raise error.__cause__ from None
+        raise
+
+
+def model_name_of(model_cfg: Mapping[str, Any]) -> str | None:
+    """The timm architecture name of a ``timm.create_model`` config, else None."""
+    name = model_cfg.get("model_name")
+    return str(name) if name is not None else None
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name timm does not know, listing the closest ones it does."""
+    import timm
+
+    known = timm.list_models()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() for the full list"
+    raise ValueError(f"unknown model {name!r}{hint} (set model.model_name=..., or model=custom for your own network)")
+
+
+def build_dense_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+    """Instantiate the dense CNN of a Hydra ``model`` config (``_target_`` plus keyword arguments)."""
+    from omegaconf import OmegaConf
+
+    cfg = dict(model_cfg)
+    if "_target_" not in cfg:
+        raise ValueError(f"model config needs a _target_ (e.g. timm.create_model); got keys {sorted(cfg)}")
+    if cfg["_target_"] in ("timm.create_model", "timm.models.create_model") and cfg.get("model_name"):
+        check_model_name(str(cfg["model_name"]))
+        if cfg.get("pretrained"):
+            raise ValueError(
+                "model.pretrained=true needs a download; sparkme pretrains from scratch (pretrained=false)"
+            )
+    model = instantiate_unwrapped(OmegaConf.create(cfg), _convert_="all")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model config {cfg['_target_']} built a {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def check_image_size(image_size: int, patch_size: int, mask_ratio: float) -> None:
+    """Image sides must be multiples of the encoder's stride and leave hidden and visible patches."""
+    if not 0.0 < float(mask_ratio) < 1.0:
+        raise ValueError(f"spark.mask_ratio must lie strictly between 0 and 1 (got {mask_ratio}); the paper uses 0.6")
+    if image_size <= 0 or image_size % patch_size:
+        lower = max(patch_size, image_size // patch_size * patch_size)
+        raise ValueError(
+            f"data.image_size={image_size} is not a multiple of the encoder's total stride {patch_size}; "
+            f"use e.g. data.image_size={lower} or {lower + patch_size}"
+        )
+    patches = (image_size // patch_size) ** 2
+    hidden = round(patches * float(mask_ratio))
+    if not 0 < hidden < patches:
+        raise ValueError(
+            f"data.image_size={image_size} gives {patches} patches of side {patch_size}, of which mask_ratio "
+            f"{mask_ratio} hides {hidden}: at least one must be hidden and one visible; use larger images"
+        )
+
+
+def build_spark(model_cfg: Mapping[str, Any], spark_cfg: Mapping[str, Any], backend: str | None = None) -> nn.Module:
+    """Dense model -> ``sparkme.sparsify`` -> ``sparkme.SparK(encoder, **spark_cfg)``."""
+    import sparkme
+
+    dense = build_dense_model(model_cfg)
+    encoder = sparkme.sparsify(dense)
+    if backend:
+        encoder.set_backend(backend)
+    return sparkme.SparK(encoder, **dict(spark_cfg))
