@@ -11,27 +11,23 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_images", "main", "save_reconstruction_grid"]
+from sparkme.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-# timm's IMAGENET_DEFAULT_MEAN / _STD: the normalization sparkme trains with.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["load_images", "main", "save_reconstruction_grid"]
+
 ROWS = (("input", "input"), ("masked", "masked"), ("reconstruction", "reconstruction"))
 
 
 def load_images(paths: Sequence[str | Path], image_size: int) -> torch.Tensor:
-    """Read RGB images, resize the short side to ``image_size``, centre-crop and normalize: ``[N, 3, S, S]``."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision import transforms
+    """Read RGB images, resize the short side to ``image_size``, centre-crop and normalize: ``[N, 3, S, S]``.
 
-    transform = transforms.Compose(
-        [
-            transforms.Resize(image_size),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    Uses the pretraining pipeline's ``eval_transform`` (ImageNet mean/std), so pixels match training.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from sparkme.data.transforms import eval_transform
+
+    transform = eval_transform(image_size)
     tensors = []
     for path in paths:
         try:

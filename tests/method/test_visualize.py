@@ -41,3 +41,27 @@ def test_unreadable_image_is_a_clear_error(tmp_path, capsys):
         main([str(checkpoint), str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "g.png")])
     assert exit_info.value.code == 2
     assert "cannot read image" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
+
+
+def test_cli_writes_grid_from_a_real_checkpoint(tmp_path, capsys):
+    pytest.importorskip("MinkowskiEngine")
+    from sparkme.data.demo import DemoDataset
+    from sparkme.training.build import build_spark
+    from sparkme.training.checkpoint import save_checkpoint
+
+    model_cfg = {"_target_": "timm.create_model", "model_name": "resnet18", "pretrained": False}
+    spark_cfg = {"mask_ratio": 0.6, "decoder_width": 64}
+    model = build_spark(model_cfg, spark_cfg)
+    payload = {"model": model.state_dict(), "model_cfg": model_cfg, "spark_cfg": spark_cfg, "step": 0, "epoch": 0}
+    checkpoint = save_checkpoint(tmp_path / "last.pth", payload)
+    paths = []
+    for index in range(2):
+        image, _ = DemoDataset(length=2, image_size=80)[index]
+        image.save(tmp_path / f"demo{index}.png")
+        paths.append(str(tmp_path / f"demo{index}.png"))
+    out = tmp_path / "grid.png"
+    argv = [str(checkpoint), *paths, "--out", str(out), "--image-size", "64", "--mask-ratio", "0.5", "--seed", "1"]
+    assert main(argv) == 0
+    assert "mask ratio 0.5" in capsys.readouterr().out
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.size == (400, 600)  # 2 columns x 3 rows of 2 inches at 100 dpi
