@@ -80,7 +80,7 @@ def module_problem(module: nn.Module) -> str | None:
         if isinstance(module, types):
             return reason
     cls = type(module).__name__
-    if "Attention" in cls or cls.endswith("Attn"):
+    if type(module).__module__.startswith("timm.") and ("Attention" in cls or cls.endswith("Attn")):
         return "attention mixes every position, hidden ones included"
     if isinstance(module, nn.Conv2d):
         if cls.endswith("Same"):
