@@ -129,7 +129,7 @@ def masked_reference(model: nn.Module, pixels: torch.Tensor) -> nn.Module:
     for module in ref.modules():
         module._bank = bank
         name = type(module).__name__
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.forward = types.MethodType(_masked_bn_forward, module)
         elif isinstance(module, nn.GroupNorm):
             module.forward = types.MethodType(_masked_gn_forward, module)
@@ -247,13 +247,15 @@ class Case:
     size: tuple[int, int]
 
 
-def make_model(name: str) -> nn.Module:
+def make_model(name: str, drop_path_rate: float = 0.0) -> nn.Module:
+    """A test model with deterministic weights: "user_cnn", "user_cnn_syncbn" or a timm name."""
     import timm
 
-    if name == "user_cnn":
+    if name.startswith("user_cnn"):
         torch.manual_seed(0)
-        return UserCNN()
-    kwargs = {"drop_path_rate": 0.0}
+        model = UserCNN()
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model) if name.endswith("syncbn") else model
+    kwargs = {"drop_path_rate": drop_path_rate}
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs)
     _randomize_norms(model)

@@ -17,12 +17,12 @@ from engine_reference import (
 
 import sparkme
 
-SIZES = {"user_cnn": (32, 48)}  # patch 8; timm models: patch 32
+SIZES = {"user_cnn": (32, 48), "user_cnn_syncbn": (32, 48)}  # patch 8; timm models: patch 32
 DEFAULT_SIZE = (64, 96)
 
 
 def _stages(name: str) -> list[str] | None:
-    return USER_STAGES if name == "user_cnn" else None
+    return USER_STAGES if name.startswith("user_cnn") else None
 
 
 def compare(
@@ -34,9 +34,10 @@ def compare(
     tol: float = 1e-4,
     device: str = "cpu",
     backward: bool = True,
+    drop_path_rate: float = 0.0,
 ):
     """Run engine and reference on the same weights / images / mask; check features, grads, BN stats."""
-    model = make_model(name).to(device=device, dtype=dtype)
+    model = make_model(name, drop_path_rate).to(device=device, dtype=dtype)
     model.train(train)
     encoder = sparkme.sparsify(model, stages=_stages(name))
     height, width = size or SIZES.get(name, DEFAULT_SIZE)
@@ -50,7 +51,9 @@ def compare(
     images_sparse = images.clone().requires_grad_(backward)
     images_ref = images.clone().requires_grad_(backward)
 
+    torch.manual_seed(42)  # the same drop-path draws in both
     sparse = encoder(images_sparse, visible)
+    torch.manual_seed(42)
     dense = reference_features(reference, [s.name for s in encoder.stages], images_ref, pixels)
     for i, (a, b) in enumerate(zip(sparse, dense)):
         assert_rel(a, b, tol, f"{name} stage {i} features")
@@ -130,6 +133,15 @@ def test_non_square_inputs(name: str, size):
 @pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow), "user_cnn"])
 def test_float32(name: str):
     compare(name, lambda grid: random_visible(2, grid, 0.6, seed=7), train=True, dtype=torch.float32, tol=2e-4)
+
+
+def test_sync_batchnorm_single_process():
+    compare("user_cnn_syncbn", lambda grid: random_visible(2, grid, 0.6, seed=8), train=True)
+
+
+def test_drop_path_is_per_sample():
+    """ConvNeXt with drop-path 0.5 in train mode: both sides draw the same per-sample keep masks."""
+    compare("convnext_atto", lambda grid: random_visible(2, grid, 0.4, seed=9), train=True, drop_path_rate=0.5)
 
 
 @pytest.mark.slow
