@@ -1,0 +1,114 @@
+"""``sparkme-bench``: throughput and memory of the sparse, masked-dense and dense paths, side by side.
+
+Examples::
+
+    sparkme-bench bench=smoke                       # seconds, CI
+    sparkme-bench bench=cpu output_dir=docs/bench   # the documented CPU run
+    sparkme-bench models=[resnet50] mask_ratios=[0.4,0.6,0.75,0.9] iters=5
+
+Writes results.json, results.csv, results.md and results.png into ``output_dir`` (default: the
+Hydra run directory, bench_results/<date>). Configuration: conf/bench.yaml.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from sparkme.benchmarks.machine import describe_machine, machine_line
+from sparkme.benchmarks.measure import MEASURES, Case, run_case
+from sparkme.benchmarks.paths import default_paths, get_path
+from sparkme.benchmarks.report import add_ratios, markdown_table, write_report
+
+__all__ = ["cases_from_config", "run_benchmark", "main"]
+
+log = logging.getLogger("sparkme.bench")
+
+
+def cases_from_config(cfg: DictConfig) -> list[Case]:
+    """Every (model, batch, resolution, mask ratio, measure, path) combination, paths innermost."""
+    paths = list(cfg.paths) if cfg.paths else default_paths(cfg.device)
+    for name in paths:
+        get_path(name)  # clear error for a typo before anything runs
+    for measure in cfg.measures:
+        if measure not in MEASURES:
+            raise ValueError(f"unknown measure {measure!r}; choose from {list(MEASURES)}")
+    if not cfg.models:
+        raise ValueError("models is empty; give at least one timm model name, e.g. models=[resnet50]")
+    combos = itertools.product(cfg.models, cfg.batch_sizes, cfg.resolutions, cfg.mask_ratios, cfg.measures, paths)
+    return [
+        Case(
+            model=model,
+            path=path,
+            measure=measure,
+            batch=int(batch),
+            resolution=int(resolution),
+            mask_ratio=float(ratio),
+            device=cfg.device,
+            warmup=int(cfg.warmup),
+            iters=int(cfg.iters),
+            seed=int(cfg.seed),
+            decoder_width=int(cfg.decoder_width),
+            threads=cfg.threads,
+        )
+        for model, batch, resolution, ratio, measure, path in combos
+    ]
+
+
+def _run_in_process(case: Case) -> dict:
+    from dataclasses import asdict
+
+    try:
+        row = run_case(case)
+        row["memory_method"] += (
+            " (in-process run, isolate=false: memory freed by earlier cases is reused, not comparable)"
+        )
+        return row
+    except Exception as err:  # one failing path must not hide the others' numbers
+        log.exception("case failed: %s", case)
+        return {**asdict(case), "ms": None, "ms_all": [], "images_per_s": None, "peak_mib": None, "error": repr(err)}
+
+
+def run_benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
+    """Run every case of ``cfg`` and write the report into ``out_dir``; return the result rows."""
+    from sparkme.benchmarks.worker import run_isolated
+
+    cases = cases_from_config(cfg)
+    machine = describe_machine(cfg.device)
+    log.info("%d cases on %s", len(cases), machine_line(machine))
+    rows = []
+    for index, case in enumerate(cases, 1):
+        row = run_isolated(case, cfg.case_timeout_s) if cfg.isolate else _run_in_process(case)
+        rows.append(row)
+        status = f"{row['ms']:.1f} ms, peak {row['peak_mib']:.0f} MiB" if row["error"] is None else row["error"]
+        log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f: %s", index, len(cases), case.model, case.measure,
+                 case.path, case.batch, case.resolution, case.mask_ratio, status)  # fmt: skip
+    add_ratios(rows, cfg.reference)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    files = write_report(rows, machine, config, out_dir, plot=cfg.plot)
+    print(markdown_table(rows, machine))
+    log.info("wrote %s", ", ".join(str(p) for p in files.values()))
+    return rows
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sparkme.conf", config_name="bench")
+def _hydra_main(cfg: DictConfig) -> None:
+    warnings.filterwarnings("ignore", module="MinkowskiEngine")
+    if cfg.output_dir:
+        out_dir = Path(cfg.output_dir)
+    else:
+        out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    run_benchmark(cfg, out_dir)
+
+
+def main() -> None:
+    """Console entry point (``sparkme-bench``)."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Time and memory of one benchmark case: one model, one path, one measure, one size.
+
+``encoder``: encoder forward + backward (a scalar of all feature maps). ``step``: the full
+pretraining step of ``sparkme.SparK`` (encoder + densify + decoder + loss + backward + LAMB step).
+Every path sees the same seeded images and patch mask. Time is the median of ``iters`` runs after
+``warmup`` runs; memory is CUDA's max allocated, or on the CPU the peak resident set above the
+level just before the first run (honest only in a fresh process: ``isolate`` in the CLI).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from sparkme.benchmarks.paths import build_encoder, get_path
+
+__all__ = ["Case", "run_case", "MEASURES"]
+
+MEASURES = ("encoder", "step")
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    path: str
+    measure: str
+    batch: int
+    resolution: int
+    mask_ratio: float
+    device: str = "cpu"
+    warmup: int = 1
+    iters: int = 3
+    seed: int = 0
+    decoder_width: int = 768
+    threads: int | None = None
+
+
+def _inputs(case: Case, patch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    from sparkme.method.masking import random_patch_mask
+
+    if case.resolution % patch:
+        raise ValueError(f"resolution {case.resolution} is not a multiple of {case.model}'s patch size {patch}")
+    generator = torch.Generator().manual_seed(case.seed)
+    images = torch.randn(case.batch, 3, case.resolution, case.resolution, generator=generator)
+    grid = case.resolution // patch
+    hidden = random_patch_mask(case.batch, grid, grid, case.mask_ratio, generator=generator)
+    return images.to(device), hidden.to(device)
+
+
+class _PeakMemory:
+    """Peak memory over a region: CUDA max allocated, or CPU peak RSS (VmHWM) above the starting RSS."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = "cuda max_memory_allocated"
+        self._start = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        self._start = _status_kib("VmRSS")
+        try:  # "5" resets the peak RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            self.method = "cpu peak RSS (VmHWM) minus RSS before the runs"
+        except OSError:
+            self.method = "cpu ru_maxrss minus RSS before the runs (peak may predate the runs)"
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        peak = _status_kib("VmHWM") if "VmHWM" in self.method else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max(peak - self._start, 0) / 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _build_step(case: Case, device: torch.device):
+    """The callable one timed iteration runs, plus what the caller needs to know."""
+    path = get_path(case.path)
+    torch.manual_seed(case.seed)
+    encoder = build_encoder(path, case.model).to(device).train()
+    images, hidden = _inputs(case, encoder.downsample_ratio, device)
+    if path.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    visible = ~hidden[:, None]
+    if case.measure == "encoder":
+        params = [p for p in encoder.parameters() if p.requires_grad]
+
+        def step() -> None:
+            for param in params:
+                param.grad = None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=path.bf16):
+                features = encoder(images, visible)
+                loss = sum(feature.float().mean() for feature in features)
+            loss.backward()
+
+        return step
+    if case.measure != "step":
+        raise ValueError(f"unknown measure {case.measure!r}; choose from {MEASURES}")
+    from timm.optim import Lamb
+
+    import sparkme
+
+    model = sparkme.SparK(encoder, mask_ratio=case.mask_ratio, decoder_width=case.decoder_width).to(device).train()
+    if path.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = Lamb(model.param_groups(0.04), lr=2e-4 * case.batch / 256)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=path.bf16):
+            loss, _, _ = model(images, mask=hidden)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def run_case(case: Case) -> dict:
+    """Run ``case`` in this process and return its result row."""
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    device = torch.device(case.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no CUDA device; run with device=cpu")
+    if case.warmup < 0 or case.iters < 1:
+        raise ValueError(f"need warmup >= 0 and iters >= 1 (got warmup={case.warmup}, iters={case.iters})")
+    step = _build_step(case, device)
+    memory = _PeakMemory(device)
+    memory.start()
+    times = []
+    for i in range(case.warmup + case.iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= case.warmup:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {
+        **asdict(case),
+        "threads": torch.get_num_threads(),
+        "ms": seconds * 1000,
+        "ms_all": [t * 1000 for t in times],
+        "images_per_s": case.batch / seconds,
+        "peak_mib": memory.peak_mib(),
+        "memory_method": memory.method,
+        "error": None,
+    }

@@ -1,0 +1,109 @@
+"""sparkme-bench: the smoke run end to end, the isolated worker, the masked-dense baseline's semantics."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_module
+from sparkme.benchmarks.cli import cases_from_config, run_benchmark
+from sparkme.benchmarks.masked_dense import MaskedDenseEncoder, UnsupportedForMaskedDense
+from sparkme.benchmarks.measure import Case
+from sparkme.benchmarks.paths import dense_backbone
+from sparkme.benchmarks.worker import run_isolated
+
+import sparkme
+
+
+def _config(*overrides: str):
+    with initialize_config_module(config_module="sparkme.conf", version_base="1.3"):
+        return compose("bench", overrides=["bench=smoke", *overrides])
+
+
+def test_smoke_run_writes_json_csv_markdown_and_plot(tmp_path: Path) -> None:
+    cfg = _config("models=[resnet18]", "paths=[sparse-gather,masked-dense,dense]")
+    rows = run_benchmark(cfg, tmp_path)
+    assert len(rows) == 6  # 2 measures x 3 paths
+    assert all(row["error"] is None and row["ms"] > 0 for row in rows), [row["error"] for row in rows]
+    for row in rows:
+        if row["path"] == "masked-dense":
+            assert row["time_vs_ref"] == pytest.approx(1.0)
+        assert row["images_per_s"] == pytest.approx(row["batch"] / (row["ms"] / 1000))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["machine"]["cpu"] and saved["machine"]["torch"] == torch.__version__
+    assert len(saved["results"]) == 6
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,measure,batch") and len(csv_lines) == 7
+    table = (tmp_path / "results.md").read_text()
+    assert "| resnet18 | step | 2 | 64 | 0.6 | sparse-gather |" in table and "Machine:" in table
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_isolated_case_runs_in_a_fresh_process() -> None:
+    case = Case(model="resnet18", path="dense", measure="encoder", batch=1, resolution=64, mask_ratio=0.6, iters=1)
+    row = run_isolated(case, timeout_s=300)
+    assert row["error"] is None, row["error"]
+    assert row["ms"] > 0 and row["peak_mib"] > 0 and "VmHWM" in row["memory_method"]
+
+
+def test_isolated_failure_becomes_an_error_row() -> None:
+    case = Case(model="resnet18", path="dense", measure="encoder", batch=1, resolution=48, mask_ratio=0.6, iters=1)
+    row = run_isolated(case, timeout_s=300)
+    assert row["ms"] is None and "not a multiple" in row["error"]
+
+
+def test_bad_config_is_refused_before_running() -> None:
+    with pytest.raises(ValueError, match="unknown benchmark path 'sparse-fast'"):
+        cases_from_config(_config("paths=[sparse-fast]"))
+    with pytest.raises(ValueError, match="unknown measure 'epoch'"):
+        cases_from_config(_config("measures=[epoch]"))
+
+
+def test_default_cpu_config_covers_the_issue() -> None:
+    with initialize_config_module(config_module="sparkme.conf", version_base="1.3"):
+        cfg = compose("bench")
+    cases = cases_from_config(cfg)
+    assert {c.model for c in cases} == {"resnet50", "convnext_small"}
+    assert {c.mask_ratio for c in cases} == {0.4, 0.6, 0.75, 0.9}
+    assert {c.path for c in cases} == {"sparse-gather", "sparse-minkowski", "masked-dense", "dense"}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_masked_dense_baseline_computes_what_the_sparse_engine_computes(name: str) -> None:
+    """The baseline is only fair if it does the same math: compare features in float64, train mode."""
+    torch.manual_seed(0)
+    dense = timm.create_model(name, pretrained=False).double()
+    encoder = sparkme.sparsify(dense, backend="gather").train()
+    backbone = dense_backbone(name).double()
+    # timm's features_only wrapper flattens the top level ("stages.0" -> "stages_0")
+    source = dense.state_dict()
+    backbone.load_state_dict(
+        {key: source[re.sub(r"^([a-z]+)_(\d+)\.", r"\1.\2.", key)] for key in backbone.state_dict()}
+    )
+    baseline = MaskedDenseEncoder(backbone, name).train()
+    assert baseline.feature_strides == encoder.feature_strides
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    visible = torch.tensor(
+        [[[[True, False, True], [False, True, True]]], [[[False, False, True], [True, False, False]]]]
+    )
+    for sparse_map, masked in zip(encoder(images, visible), baseline(images, visible)):
+        torch.testing.assert_close(sparse_map, masked, rtol=1e-9, atol=1e-9)
+
+
+def test_masked_dense_refuses_layers_it_cannot_emulate() -> None:
+    with pytest.raises(UnsupportedForMaskedDense, match="SqueezeExcite|Squeeze"):
+        MaskedDenseEncoder(dense_backbone("seresnet18"), "seresnet18")
+
+
+def test_console_script_runs(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("sparkme-bench")
+    command = [str(script), "bench=smoke", "models=[resnet18]", "paths=[dense]", "measures=[encoder]"]
+    done = subprocess.run([*command, f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| resnet18 | encoder | 2 | 64 | 0.6 | dense |" in (tmp_path / "results.md").read_text()
