@@ -79,15 +79,21 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path | None = None) -> dict[str
     model_name = resolve_model_name(cfg.weights, cfg.model)
     splits = _splits(cfg)
     runs = []
+    cached: tuple | None = None  # frozen pretrained trunk: features are the same for every seed
     for seed in cfg.seeds:
         started = time.perf_counter()
         _seed_everything(seed)
         model = build_classifier(model_name, splits.num_classes, cfg.weights)
         if cfg.mode == "linear":
-            train_features = extract_features(model, splits.train, cfg.batch_size)
-            val_features = extract_features(model, splits.val, cfg.batch_size)
+            if cached is None:
+                features = extract_features(model, splits.train, cfg.batch_size)
+                val_features = extract_features(model, splits.val, cfg.batch_size)
+                if cfg.weights is not None:
+                    cached = (features, val_features)
+            else:
+                features, val_features = cached
             metrics = train_linear_probe(
-                train_features,
+                features,
                 val_features,
                 splits.num_classes,
                 epochs=cfg.epochs,
