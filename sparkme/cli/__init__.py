@@ -1,0 +1,1 @@
+"""Command lines: ``sparkme-pretrain`` (Hydra) and the other console scripts of pyproject."""
