@@ -139,6 +139,7 @@ def test_sync_batchnorm_single_process():
     compare("user_cnn_syncbn", lambda grid: random_visible(2, grid, 0.6, seed=8), train=True)
 
 
+@pytest.mark.slow
 def test_drop_path_is_per_sample():
     """ConvNeXt with drop-path 0.5 in train mode: both sides draw the same per-sample keep masks."""
     compare("convnext_atto", lambda grid: random_visible(2, grid, 0.4, seed=9), train=True, drop_path_rate=0.5)

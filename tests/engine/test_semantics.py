@@ -30,7 +30,7 @@ def dense_features(model, stage_names, images):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("train", [pytest.param(False, marks=pytest.mark.slow), True], ids=["eval", "train"])
 def test_ratio_zero_is_the_dense_model(name: str, train: bool):
     stages, (height, width) = CASES[name]
     model = make_model(name).double().train(train)

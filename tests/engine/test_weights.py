@@ -11,14 +11,15 @@ from test_semantics import dense_features
 
 import sparkme
 
+_slow = pytest.mark.slow
 FAMILIES = [
     "resnet18",
-    "resnet50",
-    "resnet50d",
-    "resnext50_32x4d",
-    "seresnet50",
+    pytest.param("resnet50", marks=_slow),
+    pytest.param("resnet50d", marks=_slow),
+    pytest.param("resnext50_32x4d", marks=_slow),
+    pytest.param("seresnet50", marks=_slow),
     "convnext_atto",
-    "convnext_tiny",
+    pytest.param("convnext_tiny", marks=_slow),
     "convnextv2_atto",
     "user_cnn",
 ]
@@ -44,7 +45,7 @@ def test_round_trip_is_bitwise_and_shares_nothing(name: str):
     assert all(torch.equal(a, b) for a, b in zip(encoder.dense_state_dict().values(), before.values()))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "user_cnn"])
+@pytest.mark.parametrize("name", [pytest.param("resnet18", marks=_slow), "convnext_atto", "user_cnn"])
 def test_trained_sparse_weights_reproduce_densely(name: str):
     stages = USER_STAGES if name == "user_cnn" else None
     size = (32, 48) if name == "user_cnn" else (64, 64)
