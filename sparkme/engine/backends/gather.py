@@ -161,10 +161,15 @@ def neighbour_plan(
             in_key, out_key, stride=list(stride), kernel_size=list(kernel), dilation=list(dilation)
         )
         num_in, num_out = manager.size(in_key), manager.size(out_key)
-        table = torch.full((num_out, kernel[0] * kernel[1]), num_in, dtype=torch.long, device=x.device)
-        for offset, in_out in kernel_map.items():
-            in_out = in_out.to(device=x.device, dtype=torch.long)
-            table[in_out[1], int(offset)] = in_out[0]
+        volume = kernel[0] * kernel[1]
+        table = torch.full((num_out * volume,), num_in, dtype=torch.long, device=x.device)
+        if kernel_map:  # one scatter for all offsets (few large ops: cheap on busy, few-core CPUs)
+            offsets = list(kernel_map)
+            in_out = torch.cat([kernel_map[k] for k in offsets], 1).to(device=x.device, dtype=torch.long)
+            counts = torch.tensor([kernel_map[k].shape[1] for k in offsets], device=x.device)
+            offset_of = torch.repeat_interleave(torch.tensor(offsets, device=x.device), counts)
+            table[in_out[1] * volume + offset_of] = in_out[0]
+        table = table.view(num_out, volume)
         symmetric = stride == (1, 1) and kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and num_in == num_out
         plan = NeighbourPlan(table=table, num_in=num_in, symmetric=symmetric, scratch=cache["scratch"])
         cache[cache_key] = plan
