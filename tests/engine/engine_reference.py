@@ -87,7 +87,10 @@ def _masked_bn_forward(self, x):
     else:
         mean, var = self.running_mean, self.running_var
     out = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.eps)
-    return out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+    out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+    if hasattr(self, "act"):  # timm BatchNormAct2d
+        out = self.act(self.drop(out))
+    return out
 
 
 def _masked_gn_forward(self, x):
@@ -116,9 +119,11 @@ def _visible_mean(bank: _MaskBank, x: torch.Tensor) -> torch.Tensor:
 def _masked_se_forward(self, x):
     """timm SEModule / the test CNN's SE: squeeze over visible sites only."""
     s = _visible_mean(self._bank, x)
-    if hasattr(self, "fc1"):
+    if hasattr(self, "fc1"):  # timm SEModule
         s = self.fc2(self.act(self.bn(self.fc1(s))))
         return x * self.gate(s)
+    if hasattr(self, "conv_reduce"):  # timm EfficientNet / MobileNetV3 SqueezeExcite
+        return x * self.gate(self.conv_expand(self.act1(self.conv_reduce(s))))
     return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
 
 
@@ -149,16 +154,29 @@ def masked_reference(model: nn.Module, pixels: torch.Tensor) -> nn.Module:
     return ref
 
 
+class _Stop(Exception):
+    pass
+
+
 def reference_features(ref: nn.Module, stage_names: list[str], images: torch.Tensor, pixels: torch.Tensor):
-    """Stage outputs of the masked-dense reference (input pixels masked too)."""
+    """Stage outputs of the masked-dense reference (input pixels masked too); stops after the last stage
+    so that modules past it (e.g. EfficientNet's conv_head/bn2) do not update their statistics."""
     outputs: dict[str, torch.Tensor] = {}
+
+    def record(name, out):
+        outputs[name] = out
+        if len(outputs) == len(stage_names):
+            raise _Stop
+
     handles = [
-        ref.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+        ref.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: record(name, o))
         for name in stage_names
     ]
     forward = getattr(ref, "forward_features", ref)
     try:
         forward(images * pixels.to(images.dtype))
+    except _Stop:
+        pass
     finally:
         for handle in handles:
             handle.remove()

@@ -147,7 +147,18 @@ def test_drop_path_is_per_sample():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["resnet50", "resnet50d", "resnext50_32x4d", "seresnet50", "convnext_tiny", "convnextv2_atto"]
+    "name",
+    [
+        "resnet50",
+        "resnet50d",
+        "resnext50_32x4d",
+        "seresnet50",
+        "convnext_tiny",
+        "convnextv2_atto",
+        "regnety_002",
+        "efficientnet_b0",
+        "mobilenetv3_small_100",
+    ],
 )
 def test_families(name: str):
     compare(name, lambda grid: random_visible(2, grid, 0.6, seed=11), train=True, size=(64, 64))
