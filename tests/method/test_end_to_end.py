@@ -106,14 +106,15 @@ def test_hidden_pixels_change_neither_features_nor_prediction():
 
 @pytest.mark.slow
 def test_resnet18_overfits_four_demo_images():
+    """Fixed batch of 4 demo images at 64x64 and a fixed mask: the loss must fall by >= 90%."""
+    steps = 60
     torch.manual_seed(0)
     images = demo_batch(4, 64)
-    model = SparK(sparkme.sparsify(timm.create_model("resnet18", pretrained=False)), decoder_width=128)
-    optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
-    mask = model.sample_mask(images, generator)
+    model = SparK(sparkme.sparsify(timm.create_model("resnet18", pretrained=False)), decoder_width=256)
+    optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=2e-3)
+    mask = model.sample_mask(images, torch.Generator().manual_seed(0))
     losses, start = [], time.perf_counter()
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss, _, _ = model(images, mask=mask)
         optimizer.zero_grad()
         loss.backward()
@@ -121,8 +122,5 @@ def test_resnet18_overfits_four_demo_images():
         losses.append(loss.item())
     elapsed = time.perf_counter() - start
     first, last = losses[0], sum(losses[-5:]) / 5
-    print(f"overfit: loss {first:.4f} -> {last:.4f} in {STEPS} steps, {elapsed:.1f} s")
+    print(f"overfit: loss {first:.4f} -> {last:.4f} ({last / first:.1%}) in {steps} steps, {elapsed:.1f} s")
     assert last <= 0.1 * first
-
-
-STEPS = 200
