@@ -102,3 +102,29 @@ def test_empty_folder_and_unknown_model_are_clear_errors(tmp_path: Path) -> None
         _trainer(tmp_path / "run", "data=imagefolder", f"data.root={tmp_path / 'empty'}")
     with pytest.raises(ValueError, match=r"unknown model 'resnet5O'.*did you mean.*resnet50"):
         Trainer(tiny("model.model_name=resnet5O"), tmp_path / "run2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["gather"])
+def test_exact_resume_with_the_real_sparse_model(tmp_path: Path, backend: str) -> None:
+    """Same check on resnet18 + SparK (64 px, 2x2 patches): RNG, masks and BN statistics all resume.
+
+    The default ``gather`` backend only: stock MinkowskiEngine's CPU kernels are not run-to-run
+    deterministic (two identical 2-step runs already differ), so no resume can match them to 1e-6.
+    """
+    common = [
+        "data.image_size=64",
+        "train.batch_size=4",
+        "logger=none",
+        "reconstruction.every_epochs=0",
+        f"engine.backend={backend}",
+    ]
+    straight = Trainer(tiny(*common, "train.max_steps=4"), tmp_path / "straight")
+    straight.fit()
+    Trainer(tiny(*common, "train.max_steps=2"), tmp_path / "resumed").fit()
+    torch.manual_seed(999)
+    resumed = Trainer(tiny(*common, "train.max_steps=4"), tmp_path / "resumed")
+    assert resumed.step == 2 and resumed.fit().steps == 4
+    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
