@@ -20,6 +20,7 @@ from . import layers  # noqa: F401  (registers the sparse implementations)
 from .backends import get_backend
 from .check import check_modules
 from .hierarchy import Stage, encoder_forward, find_stages
+from .layers.sync_bn import adopt_sync_batchnorms
 from .sites import visible_to_pixels
 from .sparse_map import SparseContext, SparseMap
 
@@ -190,6 +191,7 @@ def sparsify(cnn: nn.Module, stages: Sequence[str] | None = None, backend: str =
         raise TypeError(f"sparsify expects an nn.Module, got {type(cnn).__name__}")
     get_backend(backend)
     model = copy.deepcopy(cnn)
+    adopt_sync_batchnorms(model)
     found, fired = find_stages(model, stages)
     scope = _scope(model, found, fired)
     check_modules(scope)

@@ -137,6 +137,11 @@ def test_float32(name: str):
 
 def test_sync_batchnorm_single_process():
     compare("user_cnn_syncbn", lambda grid: random_visible(2, grid, 0.6, seed=8), train=True)
+    source = make_model("user_cnn_syncbn")
+    encoder = sparkme.sparsify(source, stages=USER_STAGES)
+    assert isinstance(encoder.model.stem[1], torch.nn.SyncBatchNorm)
+    assert type(source.stem[1]) is torch.nn.SyncBatchNorm  # the source keeps its class
+    assert list(encoder.dense_state_dict()) == list(source.state_dict())
 
 
 @pytest.mark.slow
