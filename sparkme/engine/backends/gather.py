@@ -282,23 +282,38 @@ class _DepthwiseFunction(Function):
         return grad_features, grad_weight, None
 
 
+def _row_blocks(num_rows: int, channels: int) -> list[tuple[int, int]]:
+    """Row ranges whose ``[rows, C]`` slices stay cache-resident (~1 MB fp32) across all kernel taps."""
+    block = max(256, (1 << 18) // max(channels, 1))
+    return [(start, min(start + block, num_rows)) for start in range(0, num_rows, block)]
+
+
 def _weighted_neighbour_sum(rows: torch.Tensor, weight: torch.Tensor, plan: NeighbourPlan) -> torch.Tensor:
+    """``out[j] = sum_k rows[table[j, k]] * weight[k]``, a block of outputs at a time (memory-bound otherwise)."""
     padded = plan.padded(rows)
-    out = rows.new_zeros(plan.num_out, rows.shape[1])
-    picked = plan.scratch.take("columns", (plan.num_out, rows.shape[1]), rows)
-    for column, tap in zip(plan.columns, weight):
-        torch.index_select(padded, 0, column, out=picked)
-        out.addcmul_(picked, tap)
+    out = rows.new_empty(plan.num_out, rows.shape[1])
+    picked_all = plan.scratch.take("columns", (plan.num_out, rows.shape[1]), rows)
+    for start, stop in _row_blocks(plan.num_out, rows.shape[1]):
+        block, picked = out[start:stop], picked_all[: stop - start]
+        for tap, column in enumerate(plan.columns[:, start:stop]):
+            torch.index_select(padded, 0, column, out=picked)
+            if tap == 0:
+                torch.mul(picked, weight[0], out=block)
+            else:
+                block.addcmul_(picked, weight[tap])
     return out
 
 
 def _depthwise_weight_grad(features: torch.Tensor, grad_out: torch.Tensor, plan: NeighbourPlan) -> torch.Tensor:
+    """``grad[k] = sum_j features[table[j, k]] * grad_out[j]``, blocked like the forward."""
     padded = plan.padded(features)
-    picked = plan.scratch.take("columns", (plan.num_out, features.shape[1]), features)
-    grad = features.new_empty(plan.volume, features.shape[1])
-    for tap, column in enumerate(plan.columns):
-        torch.index_select(padded, 0, column, out=picked)
-        grad[tap] = (picked * grad_out).sum(0)
+    picked_all = plan.scratch.take("columns", (plan.num_out, features.shape[1]), features)
+    grad = features.new_zeros(plan.volume, features.shape[1])
+    for start, stop in _row_blocks(plan.num_out, features.shape[1]):
+        grad_block, picked = grad_out[start:stop], picked_all[: stop - start]
+        for tap, column in enumerate(plan.columns[:, start:stop]):
+            torch.index_select(padded, 0, column, out=picked)
+            grad[tap] += picked.mul_(grad_block).sum(0)
     return grad
 
 
