@@ -96,8 +96,12 @@ def test_hidden_pixels_change_neither_features_nor_prediction():
     changed = torch.where(_hidden_pixels(mask, 32), torch.randn_like(images) * 5, images)
     visible = ~mask.unsqueeze(1)
     with torch.no_grad():
-        for before, after in zip(model.encoder(images, visible), model.encoder(changed, visible)):
+        features = model.encoder(images, visible)
+        for before, after, stride in zip(features, model.encoder(changed, visible), model.feature_strides):
             assert torch.equal(before, after)
+            hidden_sites = _hidden_pixels(mask, 32 // stride)  # the densify's idea of hidden sites
+            assert torch.count_nonzero(before * hidden_sites) == 0
+            assert torch.count_nonzero(before * ~hidden_sites) > 0
     loss, pred, _ = model(images, mask=mask)
     loss_changed, pred_changed, _ = model(changed, mask=mask)
     assert torch.equal(pred, pred_changed)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparkme.method import SparK
+import sparkme
+from sparkme.method import LightDecoder, SparK, random_patch_mask
 from sparkme.method.loss import patchify, unpatchify
 
 
@@ -100,3 +101,7 @@ def test_param_groups_exclude_biases_norms_and_mask_embeddings(stand_in_encoder)
     for name in ("decoder.blocks.0.up.weight", "densify.projections.1.weight", "encoder.stages.0.0.weight"):
         assert ids[name] in decay_ids
     assert len(decay_ids | no_decay_ids) == len(ids) and not decay_ids & no_decay_ids
+
+
+def test_top_level_exports():
+    assert (sparkme.SparK, sparkme.LightDecoder, sparkme.random_patch_mask) == (SparK, LightDecoder, random_patch_mask)
