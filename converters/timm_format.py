@@ -17,7 +17,7 @@ __all__ = ["to_safetensors", "to_timm"]
 
 def _notes(model_name: str, suffix: str) -> list[str]:
     return [
-        f"timm.create_model({model_name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='WEIGHTS{suffix}'), "
+        f"timm.create_model({model_name!r}, pretrained=True, pretrained_cfg_overlay=dict(file='PATH{suffix}'), "
         "num_classes=K)",
         "K must differ from the architecture's default (1000) or be 0 (no head): timm then skips the absent "
         "classifier; with K == 1000 it loads strictly and fails on the missing head",

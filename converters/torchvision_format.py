@@ -76,6 +76,6 @@ def to_torchvision(state_dict: Mapping[str, Any], model_name: str) -> Export:
     arch, weights, dropped, unmapped = torchvision_resnet_state_dict(state_dict, model_name)
     notes = [
         f"model = torchvision.models.{arch}(num_classes=K); "
-        "model.load_state_dict(torch.load(PATH), strict=False)  # missing: fc.weight, fc.bias",
+        "model.load_state_dict(torch.load('PATH.pth'), strict=False)  # missing: fc.weight, fc.bias",
     ]
     return Export("torchvision", model_name, weights, weights, ".pth", dropped, unmapped, notes)

@@ -4,12 +4,13 @@
 
 Reads a sparkme checkpoint (or its ``*.encoder.safetensors`` sibling, or a plain dense
 state dict with ``--model-name``), converts it with ``sparkme.converters`` and prints what
-was dropped or unmapped plus the settings the consumer needs.
+was dropped or unmapped plus the settings the consumer needs (with the written file's path).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sparkme-export: error: {error}", file=sys.stderr)
         return 2
     path = save_export(export, args.out)
-    print(export.report())
+    print(re.sub(r"PATH\.[a-z]+", str(path), export.report()))  # the notes name the file just written
     print(f"wrote {path}")
     return 0
 

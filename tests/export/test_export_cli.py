@@ -51,6 +51,7 @@ def test_every_format_writes_and_reports(format, suffix, checkpoint, tmp_path, c
     assert f"wrote {out}" in printed and "resnet18" in printed
     if format == "detectron2":
         assert "STRIDE_IN_1X1: False" in printed and "num_batches_tracked" in printed
+        assert f'MODEL.WEIGHTS: "{out}"' in printed
         with open(out, "rb") as handle:
             assert "res5.1.conv2.norm.running_var" in pickle.load(handle)["model"]
 
