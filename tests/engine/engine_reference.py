@@ -274,6 +274,8 @@ def make_model(name: str, drop_path_rate: float = 0.0) -> nn.Module:
         model = UserCNN()
         return nn.SyncBatchNorm.convert_sync_batchnorm(model) if name.endswith("syncbn") else model
     kwargs = {"drop_path_rate": drop_path_rate}
+    if name.endswith("+conv_mlp"):  # ConvNeXt with 1x1-conv MLPs: LayerNorm2d and channels-first GRN
+        name, kwargs["conv_mlp"] = name.removesuffix("+conv_mlp"), True
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs)
     _randomize_norms(model)

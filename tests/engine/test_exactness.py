@@ -160,6 +160,7 @@ def test_drop_path_is_per_sample():
         "seresnet50",
         "convnext_tiny",
         "convnextv2_atto",
+        "convnextv2_atto+conv_mlp",  # channels-first GRN
         "regnety_002",
         "efficientnet_b0",
         "mobilenetv3_small_100",
