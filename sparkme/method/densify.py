@@ -61,7 +61,13 @@ class Densify(nn.Module):
                 f"{tuple(visible.shape)}; the encoder's feature_strides must describe its outputs"
             )
         sites = features.permute(0, 2, 3, 1)
-        active = self.norms[index](sites[visible])
+        active = sites[visible]
+        if self.training and self.norm_kind == "bn" and active.shape[0] < 2:
+            raise ValueError(
+                f"scale {index} has {active.shape[0]} visible site(s) in the whole batch; BatchNorm needs at "
+                f"least 2 in training: use a larger batch or images, or a lower mask_ratio"
+            )
+        active = self.norms[index](active)
         scattered = sites.new_zeros(batch, height, width, channels).index_put((visible,), active)
         token = self.mask_tokens[index].to(scattered.dtype)
         dense = torch.where(visible.unsqueeze(-1), scattered, token)

@@ -86,3 +86,12 @@ def test_decoder_refuses_bad_configuration():
         LightDecoder(16, 32)
     with pytest.raises(ValueError, match="deepest level"):
         LightDecoder(16, 4)([None, torch.zeros(1, 8, 2, 2)])
+
+
+def test_batchnorm_with_a_single_visible_site_is_a_clear_error():
+    densify = Densify([4], [4], "bn", [1]).train()
+    visible = torch.zeros(1, 2, 2, dtype=torch.bool)
+    visible[0, 0, 0] = True
+    with pytest.raises(ValueError, match="1 visible site"):
+        densify([torch.randn(1, 4, 2, 2)], [visible])
+    assert densify.eval()([torch.randn(1, 4, 2, 2)], [visible])[0].shape == (1, 4, 2, 2)
