@@ -54,19 +54,31 @@ def _feature_info(model: nn.Module) -> list[dict] | None:
     return dicts
 
 
+class _ProbeDone(Exception):
+    """Raised once every requested stage has run: the probe needs nothing after them."""
+
+
 def _probe(model: nn.Module, names: Sequence[str] | None) -> list[tuple[int, str, tuple[int, ...] | None]]:
     """Dense forward of a blank image; records ``(order, name, shape)`` of every module call in order
-    of completion (``shape`` None when the output is not a 4-d tensor)."""
+    of completion (``shape`` None when the output is not a 4-d tensor).
+
+    With ``names`` the probe stops once they have all run. A failure after some modules have run
+    (typically a classifier head built for another input size) ends the probe quietly.
+    """
     records: list[tuple[int, str, tuple[int, ...] | None]] = []
+    pending = set(names) if names is not None else None
     handles = []
-    wanted = set(names) if names is not None else None
     for name, module in model.named_modules():
-        if not name or (wanted is not None and name not in wanted):
+        if not name:
             continue
 
         def hook(_module, _inputs, output, name=name):
             is_map = isinstance(output, torch.Tensor) and output.dim() == 4
             records.append((len(records), name, tuple(output.shape) if is_map else None))
+            if pending is not None and is_map:
+                pending.discard(name)
+                if not pending:
+                    raise _ProbeDone
 
         handles.append(module.register_forward_hook(hook))
     parameter = next(model.parameters(), None)
@@ -77,6 +89,14 @@ def _probe(model: nn.Module, names: Sequence[str] | None) -> list[tuple[int, str
     try:
         with torch.no_grad():
             encoder_forward(model)(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, dtype=dtype, device=device))
+    except _ProbeDone:
+        pass
+    except Exception as err:
+        if not records:
+            raise ValueError(
+                f"a dense probe forward of {type(model).__name__} on a 1x3x{PROBE_SIZE}x{PROBE_SIZE} image failed "
+                f"({err}); pass stages=[module names]"
+            ) from err
     finally:
         for handle in handles:
             handle.remove()
@@ -103,7 +123,7 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None = None) -> tuple[
             return [Stage(n, int(by_name[n]["num_chs"]), int(by_name[n]["reduction"])) for n in resolved], []
     if stages is not None:
         resolved = [resolve_module(model, s)[0] for s in stages]
-        records = _probe(model, None)
+        records = _probe(model, resolved)
         last = {name: (order, shape) for order, name, shape in records if shape is not None}
         missing = [name for name in resolved if name not in last]
         if missing:

@@ -57,3 +57,30 @@ def test_unknown_stage_and_backend_are_clear_errors():
         sparkme.sparsify(make_model("user_cnn"), stages=["nope"])
     with pytest.raises(ValueError, match="unknown sparse backend"):
         sparkme.sparsify(make_model("user_cnn"), backend="nope")
+
+
+class FixedSizeHead(torch.nn.Module):
+    """A classic CNN whose classifier only fits 32x32 inputs: the 256x256 probe fails in the head."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.features = torch.nn.Sequential(
+            conv(3, 8, 3, 2, 1), torch.nn.ReLU(), conv(8, 8, 3, 2, 1), torch.nn.ReLU(), conv(8, 8, 3, 2, 1)
+        )
+        self.fc = torch.nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def test_probe_survives_a_head_for_another_size():
+    encoder = sparkme.sparsify(FixedSizeHead())
+    assert [s.name for s in encoder.stages] == ["features.3", "features"]  # the ReLU ends stride 4
+    assert encoder.feature_strides == [4, 8]
+    given = sparkme.sparsify(FixedSizeHead(), stages=["features.2", "features.4"])
+    assert given.feature_strides == [4, 8]
+    assert [f.shape for f in given(torch.randn(1, 3, 32, 32), torch.ones(1, 1, 4, 4, dtype=torch.bool))] == [
+        (1, 8, 8, 8),
+        (1, 8, 4, 4),
+    ]
