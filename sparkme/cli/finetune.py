@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", help="timm architecture (read from --weights when recorded there)")
     parser.add_argument("--mode", choices=["linear", "finetune"], default=defaults.mode)
+    parser.add_argument(
+        "--features",
+        choices=["last", "stages"],
+        default=defaults.features,
+        help="linear probe input: the classifier's pooled features, or all pooled stride>=4 stages concatenated",
+    )
     parser.add_argument("--data", default=defaults.data, help="'demo' or a folder of class subfolders")
     parser.add_argument("--train-size", type=int, default=defaults.train_size, help="demo training images")
     parser.add_argument("--val-size", type=int, default=defaults.val_size, help="demo held-out images")

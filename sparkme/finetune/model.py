@@ -54,6 +54,26 @@ def build_classifier(model_name: str, num_classes: int, weights: str | Path | No
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Globally pooled trunk features (the classifier's input)."""
-    return model.forward_head(model.forward_features(images), pre_logits=True)
+def pooled_features(model: nn.Module, images: torch.Tensor, features: str = "last") -> torch.Tensor:
+    """Globally pooled trunk features.
+
+    ``"last"``: the classifier's own input. ``"stages"``: the average-pooled outputs of every
+    timm ``feature_info`` stage with stride >= 4 (the maps SparK's encoder feeds its decoder),
+    concatenated: a multi-scale probe.
+    """
+    if features == "last":
+        return model.forward_head(model.forward_features(images), pre_logits=True)
+    if features != "stages":
+        raise ValueError(f"features must be 'last' or 'stages', got {features!r}")
+    names = [info["module"] for info in model.feature_info if info["reduction"] >= 4]
+    outputs: list[torch.Tensor] = []
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda module, args, output: outputs.append(output))
+        for name in names
+    ]
+    try:
+        model.forward_features(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat([output.mean(dim=(2, 3)) for output in outputs], dim=1)

@@ -20,14 +20,16 @@ __all__ = ["extract_features", "train_linear_probe"]
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, dataset: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled trunk features and labels of every image in ``dataset`` (model in eval mode)."""
+def extract_features(
+    model: nn.Module, dataset: Dataset, batch_size: int, features: str = "last"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled trunk features (see ``pooled_features``) and labels of every image (model in eval mode)."""
     model.eval()
-    features, labels = [], []
+    pooled, labels = [], []
     for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        features.append(pooled_features(model, images))
+        pooled.append(pooled_features(model, images, features))
         labels.append(torch.as_tensor(targets))
-    return torch.cat(features), torch.cat(labels)
+    return torch.cat(pooled), torch.cat(labels)
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

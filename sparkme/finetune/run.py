@@ -28,6 +28,7 @@ class FinetuneConfig:
     weights: str | None = None  # sparkme checkpoint / exported timm file; None = random init
     model: str | None = None  # timm architecture; read from the weights when they record it
     mode: str = "linear"  # "linear" (frozen trunk) or "finetune" (all parameters)
+    features: str = "last"  # linear only: "last" (classifier input) or "stages" (all pooled stages)
     data: str = "demo"  # "demo" or a folder of class subfolders
     train_size: int = 600  # demo only
     val_size: int = 300  # demo only
@@ -48,6 +49,8 @@ class FinetuneConfig:
             raise ValueError(f"mode must be 'linear' or 'finetune', got {self.mode!r}")
         if self.mode == "linear" and (self.mixup or self.layer_decay is not None):
             raise ValueError("--mixup and --layer-decay apply to --mode finetune only")
+        if self.features not in ("last", "stages") or (self.mode == "finetune" and self.features != "last"):
+            raise ValueError(f"--features must be 'last' or 'stages' (linear mode only), got {self.features!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.seeds:
             raise ValueError("epochs and batch size must be >= 1 and at least one seed is needed")
         if self.lr is None:
@@ -86,8 +89,8 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path | None = None) -> dict[str
         model = build_classifier(model_name, splits.num_classes, cfg.weights)
         if cfg.mode == "linear":
             if cached is None:
-                features = extract_features(model, splits.train, cfg.batch_size)
-                val_features = extract_features(model, splits.val, cfg.batch_size)
+                features = extract_features(model, splits.train, cfg.batch_size, cfg.features)
+                val_features = extract_features(model, splits.val, cfg.batch_size, cfg.features)
                 if cfg.weights is not None:
                     cached = (features, val_features)
             else:

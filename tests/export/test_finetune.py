@@ -98,3 +98,15 @@ def test_cli_runs_and_rejects_bad_options(tmp_path, capsys):
     assert "finetune only" in capsys.readouterr().err
     assert main(["--train-size", "16"]) == 2
     assert "pass --model" in capsys.readouterr().err
+
+
+def test_stage_features_concatenate_every_pooled_stage(resnet18):
+    from sparkme.finetune import pooled_features
+
+    images = torch.randn(2, 3, 64, 64)
+    stages = pooled_features(resnet18, images, "stages")
+    assert stages.shape == (2, 64 + 128 + 256 + 512)
+    last = pooled_features(resnet18, images, "last")
+    torch.testing.assert_close(stages[:, -512:], last)  # the last stage pooled is the classifier's input
+    with pytest.raises(ValueError, match="'last' or 'stages'"):
+        FinetuneConfig(model="resnet18", mode="finetune", features="stages")
