@@ -154,6 +154,18 @@ _REFUSED = (
     nn.MultiheadAttention,
 )
 
+# timm blocks that pool over the whole map (SE, ECA, CBAM, GRN...) or attend across sites
+_REFUSED_NAMES = (
+    "GlobalResponseNorm",
+    "Squeeze",
+    "SEModule",
+    "EffectiveSE",
+    "Eca",
+    "Cbam",
+    "GatherExcite",
+    "Attention",
+)
+
 
 def to_masked_dense(model: nn.Module, visible: VisibleMaps) -> nn.Module:
     """Turn ``model`` (in place) into its masked-dense twin reading the mask from ``visible``."""
@@ -163,7 +175,7 @@ def to_masked_dense(model: nn.Module, visible: VisibleMaps) -> nn.Module:
         if masked_type is not None:
             module.__class__ = masked_type
             module.visible = visible
-        elif isinstance(module, _REFUSED) or any(word in kind.__name__ for word in ("GlobalResponseNorm", "Squeeze")):
+        elif isinstance(module, _REFUSED) or any(word in kind.__name__ for word in _REFUSED_NAMES):
             raise UnsupportedForMaskedDense(
                 f"{name or 'model'} is a {kind.__name__}: sparkme.benchmarks has no masked-dense twin for it "
                 f"(supported: {', '.join(t.__name__ for t in _SWAPS)}); benchmark a model without it"
