@@ -70,7 +70,15 @@ def _run_in_process(case: Case) -> dict:
         return row
     except Exception as err:  # one failing path must not hide the others' numbers
         log.exception("case failed: %s", case)
-        return {**asdict(case), "ms": None, "ms_all": [], "images_per_s": None, "peak_mib": None, "error": repr(err)}
+        return {
+            **asdict(case),
+            "ms": None,
+            "ms_all": [],
+            "cpu_ms": None,
+            "images_per_s": None,
+            "peak_mib": None,
+            "error": repr(err),
+        }
 
 
 def run_benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:

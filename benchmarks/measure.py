@@ -3,8 +3,10 @@
 ``encoder``: encoder forward + backward (a scalar of all feature maps). ``step``: the full
 pretraining step of ``sparkme.SparK`` (encoder + densify + decoder + loss + backward + LAMB step).
 Every path sees the same seeded images and patch mask. Time is the median of ``iters`` runs after
-``warmup`` runs; memory is CUDA's max allocated, or on the CPU the peak resident set above the
-level just before the first run (honest only in a fresh process: ``isolate`` in the CLI).
+``warmup`` runs (wall clock, and this process's CPU time summed over threads, which other
+processes on a shared machine disturb less); memory is CUDA's max allocated, or on the CPU the
+peak resident set above the level just before the first run (honest only in a fresh process:
+``isolate`` in the CLI).
 """
 
 from __future__ import annotations
@@ -140,22 +142,24 @@ def run_case(case: Case) -> dict:
     step = _build_step(case, device)
     memory = _PeakMemory(device)
     memory.start()
-    times = []
+    times, cpu_times = [], []
     for i in range(case.warmup + case.iters):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= case.warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     seconds = statistics.median(times)
     return {
         **asdict(case),
         "threads": torch.get_num_threads(),
         "ms": seconds * 1000,
         "ms_all": [t * 1000 for t in times],
+        "cpu_ms": statistics.median(cpu_times) * 1000,  # this process's CPU time, all threads: less load-sensitive
         "images_per_s": case.batch / seconds,
         "peak_mib": memory.peak_mib(),
         "memory_method": memory.method,

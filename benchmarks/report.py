@@ -15,6 +15,7 @@ _CSV_FIELDS = [
     *_GROUP,
     "path",
     "ms",
+    "cpu_ms",
     "images_per_s",
     "peak_mib",
     "time_vs_ref",
@@ -50,6 +51,7 @@ def add_ratios(rows: list[dict], reference: str) -> list[dict]:
         for row in group:
             row["reference"] = reference
             row["time_vs_ref"] = _ratio(row["ms"], ref and ref["ms"])
+            row["cpu_vs_ref"] = _ratio(row.get("cpu_ms"), ref and ref.get("cpu_ms"))
             row["mem_vs_ref"] = _ratio(row["peak_mib"], ref and ref["peak_mib"])
             row["best_masked"] = best and best["path"]
             row["time_vs_best_masked"] = _ratio(row["ms"], best and best["ms"])
@@ -67,21 +69,23 @@ def markdown_table(rows: list[dict], machine: dict) -> str:
         f"Machine: {machine_line(machine)}",
         "",
         f"| model | measure | batch | res | mask | path | ms (median) | images/s | peak MiB | time vs {reference} "
-        f"| memory vs {reference} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| memory vs {reference} | CPU ms | CPU time vs {reference} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ms = _fmt(row["ms"]) if row["error"] is None else f"failed: {row['error'][:60]}"
         lines.append(
             f"| {row['model']} | {row['measure']} | {row['batch']} | {row['resolution']} | {row['mask_ratio']} "
             f"| {row['path']} | {ms} | {_fmt(row['images_per_s'], 2)} | {_fmt(row['peak_mib'], 0)} "
-            f"| {_fmt(row['time_vs_ref'], 2, 'x')} | {_fmt(row['mem_vs_ref'], 2, 'x')} |"
+            f"| {_fmt(row['time_vs_ref'], 2, 'x')} | {_fmt(row['mem_vs_ref'], 2, 'x')} "
+            f"| {_fmt(row.get('cpu_ms'))} | {_fmt(row.get('cpu_vs_ref'), 2, 'x')} |"
         )
     iters = sorted({(row["warmup"], row["iters"]) for row in rows})
     memory = sorted({row.get("memory_method") for row in rows if row.get("memory_method")})
     lines += [
         "",
-        f"Time: median of the timed iterations after warm-up (warm-up, timed): {iters}. Memory: {'; '.join(memory)}.",
+        f"Time: median of the timed iterations after warm-up (warm-up, timed): {iters}; CPU ms: this process's CPU "
+        f"time (all threads) over the same iterations. Memory: {'; '.join(memory)}.",
     ]
     return "\n".join(lines) + "\n"
 

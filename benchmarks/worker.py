@@ -40,7 +40,15 @@ def run_isolated(case: Case, timeout_s: float) -> dict:
 
 
 def _failed(case: Case, message: str) -> dict:
-    return {**asdict(case), "ms": None, "ms_all": [], "images_per_s": None, "peak_mib": None, "error": message}
+    return {
+        **asdict(case),
+        "ms": None,
+        "ms_all": [],
+        "cpu_ms": None,
+        "images_per_s": None,
+        "peak_mib": None,
+        "error": message,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
