@@ -132,7 +132,7 @@ def test_non_square_inputs(name: str, size):
 
 @pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow), "user_cnn"])
 def test_float32(name: str):
-    compare(name, lambda grid: random_visible(2, grid, 0.6, seed=7), train=True, dtype=torch.float32, tol=2e-4)
+    compare(name, lambda grid: random_visible(2, grid, 0.6, seed=7), train=True, dtype=torch.float32, tol=1e-3)
 
 
 def test_sync_batchnorm_single_process():
