@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import MinkowskiEngine as ME
 import torch
+import torch.nn.functional as F
 from torch.autograd import Function
 
 from . import register_backend
@@ -48,6 +49,10 @@ class NeighbourPlan:
     num_in: int
     symmetric: bool  # stride 1, odd kernel: input-grad is the flipped-kernel convolution
     scratch: Scratch = field(default_factory=lambda: Scratch(), repr=False)
+    kernel: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    grid: tuple[int, int, int] | None = None  # (B, H, W) of the input sites' dense grid (stride-1 plans)
+    grid_rows: torch.Tensor | None = field(default=None, repr=False)  # [num_in] flat index into B*H*W
     _inverse: torch.Tensor | None = field(default=None, repr=False)
     _columns: torch.Tensor | None = field(default=None, repr=False)
 
@@ -171,9 +176,22 @@ def neighbour_plan(
             table[in_out[1] * volume + offset_of] = in_out[0]
         table = table.view(num_out, volume)
         symmetric = stride == (1, 1) and kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and num_in == num_out
-        plan = NeighbourPlan(table=table, num_in=num_in, symmetric=symmetric, scratch=cache["scratch"])
+        plan = NeighbourPlan(
+            table=table, num_in=num_in, symmetric=symmetric, scratch=cache["scratch"], kernel=kernel, dilation=dilation
+        )
+        if symmetric:
+            plan.grid, plan.grid_rows = _dense_grid(manager, in_key, x.device)
         cache[cache_key] = plan
     return plan
+
+
+def _dense_grid(manager: object, key: object, device: torch.device) -> tuple[tuple[int, int, int], torch.Tensor]:
+    """Where each site of ``key`` sits in a dense ``[B, H, W]`` grid at the key's own stride."""
+    coordinates = manager.get_coordinates(key).to(device=device, dtype=torch.long)
+    stride = key.get_key()[0]
+    batch, y, x = coordinates[:, 0], coordinates[:, 1] // stride[0], coordinates[:, 2] // stride[1]
+    grid = (int(batch.max()) + 1, int(y.max()) + 1, int(x.max()) + 1)
+    return grid, (batch * grid[1] + y) * grid[2] + x
 
 
 def _grouped_mm(columns: torch.Tensor, weight: torch.Tensor, volume: int) -> torch.Tensor:
@@ -258,7 +276,10 @@ class _DepthwiseFunction(Function):
         dtype = _compute_dtype(features.device, features.dtype)
         with torch.autocast(features.device.type, enabled=False):
             features_c, weight_c = features.to(dtype), weight.to(dtype)
-            out = _weighted_neighbour_sum(features_c, weight_c, plan)
+            if plan.grid is not None:
+                out = _depthwise_via_dense(features_c, weight_c, plan)
+            else:
+                out = _weighted_neighbour_sum(features_c, weight_c, plan)
         ctx.save_for_backward(features_c, weight_c)
         ctx.plan = plan
         ctx.dtypes = (features.dtype, weight.dtype)
@@ -274,12 +295,33 @@ class _DepthwiseFunction(Function):
             if ctx.needs_input_grad[1]:
                 grad_weight = _depthwise_weight_grad(features, grad_out, plan).to(ctx.dtypes[1])
             if ctx.needs_input_grad[0]:
-                if plan.symmetric:
+                if plan.grid is not None:  # stride 1: the input grad is the same conv with the flipped kernel
+                    grad_features = _depthwise_via_dense(grad_out, weight.flip(0), plan)
+                elif plan.symmetric:
                     grad_features = _weighted_neighbour_sum(grad_out, weight.flip(0), plan)
                 else:
                     grad_features = _depthwise_input_grad(grad_out, weight, plan)
                 grad_features = grad_features.to(ctx.dtypes[0])
         return grad_features, grad_weight, None
+
+
+def _depthwise_via_dense(features: torch.Tensor, weight: torch.Tensor, plan: NeighbourPlan) -> torch.Tensor:
+    """Stride-1 depthwise forward: scatter into a zero map, dense depthwise conv, gather the active sites.
+
+    oneDNN's / cuDNN's depthwise kernels are so much faster than a ``k*k``-tap gather loop that
+    they win even though they also compute the hidden sites; hidden inputs are zero, so the
+    active outputs are exactly the submanifold ones. Used for the input gradient too (the same conv
+    with the flipped kernel); the weight gradient stays a blocked sparse sum.
+    """
+    batch, height, width = plan.grid
+    channels = features.shape[1]
+    kh, kw = plan.kernel
+    dense = features.new_zeros(batch * height * width, channels).index_copy_(0, plan.grid_rows, features)
+    image = dense.view(batch, height, width, channels).permute(0, 3, 1, 2)  # channels-last NCHW view
+    kernel = weight.view(kw, kh, channels).permute(2, 1, 0).unsqueeze(1)  # ME tap order -> [C, 1, kh, kw]
+    padding = (plan.dilation[0] * (kh // 2), plan.dilation[1] * (kw // 2))
+    out = F.conv2d(image, kernel, None, 1, padding, plan.dilation, channels)
+    return out.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, plan.grid_rows)
 
 
 def _row_blocks(num_rows: int, channels: int) -> list[tuple[int, int]]:
