@@ -44,7 +44,7 @@ def assert_features_match(dense: list[torch.Tensor], sparse: list[torch.Tensor])
     assert len(dense) == len(sparse) == 4
     for ours, theirs in zip(dense, sparse, strict=True):
         assert ours.shape == theirs.shape
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3 * theirs.abs().max().item())  # float32 sum order
 
 
 def sparse_features(name: str) -> tuple[sparkme.SparseEncoder, torch.Tensor, list[torch.Tensor]]:
