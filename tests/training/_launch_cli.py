@@ -1,4 +1,6 @@
-"""Run ``sparkme-pretrain`` (the real CLI and configs) with the stand-in model; for subprocess tests.
+"""Run ``sparkme-pretrain`` (the real CLI and configs) for subprocess tests.
+
+With ``SPARKME_TEST_STANDIN=1`` the model is the tiny stand-in instead of the configured one.
 
 Each rank also saves its final weights to ``$SPARKME_TEST_DUMP/rank<r>.pt`` when that is set,
 so a test can check that DDP kept the ranks identical.
@@ -18,7 +20,8 @@ from _standin import StandInSpark  # noqa: E402
 
 import sparkme.training.trainer as trainer_module  # noqa: E402
 
-trainer_module.build_spark = lambda *args, **kwargs: StandInSpark()
+if os.environ.get("SPARKME_TEST_STANDIN") == "1":
+    trainer_module.build_spark = lambda *args, **kwargs: StandInSpark()
 _fit = trainer_module.Trainer.fit
 
 

@@ -55,8 +55,9 @@ def test_custom_model_builds_a_timm_feature_network() -> None:
     assert [info["reduction"] for info in model.feature_info][-1] == 32
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+def _env(standin: bool = False) -> dict[str, str]:
+    flag = {"SPARKME_TEST_STANDIN": "1"} if standin else {}
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **flag}
 
 
 @pytest.mark.slow
@@ -130,20 +131,25 @@ def _standin_cli(
 ):
     command = [
         *(launcher or [sys.executable]),
-        str(HERE / "_launch_standin.py"),
+        str(HERE / "_launch_cli.py"),
         *(["--multirun"] if multirun else []),
         *TINY,
         "logger.progress_bar=false",
         *args,
     ]
-    return subprocess.run(command, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=cwd, env=env or _env(standin=True), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
-def test_torchrun_two_gloo_ranks_stay_identical_and_share_one_run_dir(tmp_path: Path) -> None:
-    env = {**_env(), "SPARKME_TEST_DUMP": str(tmp_path)}
+@pytest.mark.parametrize("model", ["standin", "custom"])
+def test_torchrun_two_gloo_ranks_stay_identical_and_share_one_run_dir(tmp_path: Path, model: str) -> None:
+    """2 gloo ranks under torchrun: the stand-in, and a real sparse ResNet-10 (``model=custom``, 64 px)."""
+    env = {**_env(standin=model == "standin"), "SPARKME_TEST_DUMP": str(tmp_path)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = _standin_cli(["train.batch_size=4", "train.epochs=2"], cwd=tmp_path, env=env, launcher=launcher)
+    args = ["train.batch_size=4", "train.epochs=2"]
+    if model == "custom":
+        args += ["model=custom", "data.image_size=64", "reconstruction.every_epochs=0"]
+    done = _standin_cli(args, cwd=tmp_path, env=env, launcher=launcher)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "pretrain").iterdir())
     assert len(runs) == 1, runs
