@@ -3,7 +3,8 @@
 MinkowskiEngine's stock CPU kernels loop over kernel offsets single-threaded (its
 backward is ~77% of a sparse ResNet-50 step). This backend keeps ME's coordinates and
 kernel maps but does the arithmetic with plain torch ops, which are multi-threaded on
-the CPU and run on tensor cores (bf16 autocast) on the GPU:
+the CPU and run in bf16 on tensor cores under autocast (the engine currently runs the sparse
+encoder outside autocast, so sparkme's own encoder path stays fp32):
 
 - forward: one gather of every output site's ``k*k`` neighbours into ``[N_out, k*k*C_in]``
   (a zero row stands for a missing neighbour), then one GEMM (``bmm`` per group);
@@ -12,7 +13,9 @@ the CPU and run on tensor cores (bf16 autocast) on the GPU:
   so it is the same gather-GEMM on the output grad with the flipped kernel; otherwise the
   ``[N_out, k*k*C_in]`` column grad is summed back through an inverse neighbour table (a
   gather too: deterministic, multi-threaded, no atomics and no autograd of indexing);
-- depthwise convolutions are a weighted sum over the ``k*k`` neighbours (no big gather);
+- depthwise convolutions: stride-1 forward and input grad run the dense depthwise kernel on a
+  zero-filled map (exact: hidden inputs are zero) and gather the active rows; the weight grad and
+  strided depthwise are a weighted sum over the ``k*k`` neighbours in cache-sized row blocks;
 - 1x1 stride-1 convolutions are a plain ``mm`` on the active rows.
 
 Neighbour tables are cached per coordinate manager (weakly: they die with the batch's
