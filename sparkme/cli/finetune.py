@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.features,
         help="linear probe input: the classifier's pooled features, or all pooled stride>=4 stages concatenated",
     )
+    parser.add_argument(
+        "--no-bn-recalibrate",
+        dest="bn_recalibrate",
+        action="store_false",
+        help="linear probe: keep the weights' BatchNorm running statistics instead of re-estimating them "
+        "on the probe's full training images (default: re-estimate, for pretrained and random init alike)",
+    )
     parser.add_argument("--data", default=defaults.data, help="'demo' or a folder of class subfolders")
     parser.add_argument("--train-size", type=int, default=defaults.train_size, help="demo training images")
     parser.add_argument("--val-size", type=int, default=defaults.val_size, help="demo held-out images")

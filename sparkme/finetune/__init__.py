@@ -7,6 +7,7 @@ print(results["top1_mean"])
 
 from __future__ import annotations
 
+from .batchnorm import recalibrate_batchnorm
 from .data import LabelledSplits, demo_splits, folder_splits
 from .model import build_classifier, pooled_features, resolve_model_name
 from .probe import extract_features, train_linear_probe
@@ -23,6 +24,7 @@ __all__ = [
     "finetune",
     "folder_splits",
     "pooled_features",
+    "recalibrate_batchnorm",
     "resolve_model_name",
     "run_finetune",
     "train_linear_probe",

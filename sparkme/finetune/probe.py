@@ -1,5 +1,6 @@
-"""Linear probe: frozen trunk in eval mode (BatchNorm uses its running statistics), features
-computed once, then a linear classifier trained on the standardised features.
+"""Linear probe: frozen trunk in eval mode (BatchNorm uses its running statistics, re-estimated
+on the probe's training images first by default: see ``batchnorm.py``), features computed once,
+then a linear classifier trained on the standardised features.
 
 Standardising with the train split's mean/std plays the role of MAE's affine-free BatchNorm
 before the probe head: it makes one learning rate fit any trunk's feature scale, which keeps

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .batchnorm import recalibrate_batchnorm
 from .data import LabelledSplits, demo_splits, folder_splits
 from .model import build_classifier, resolve_model_name
 from .probe import extract_features, train_linear_probe
@@ -29,6 +30,7 @@ class FinetuneConfig:
     model: str | None = None  # timm architecture; read from the weights when they record it
     mode: str = "linear"  # "linear" (frozen trunk) or "finetune" (all parameters)
     features: str = "last"  # linear only: "last" (classifier input) or "stages" (all pooled stages)
+    bn_recalibrate: bool = True  # linear only: re-estimate BatchNorm statistics on the probe's train images
     data: str = "demo"  # "demo" or a folder of class subfolders
     train_size: int = 600  # demo only
     val_size: int = 300  # demo only
@@ -49,6 +51,8 @@ class FinetuneConfig:
             raise ValueError(f"mode must be 'linear' or 'finetune', got {self.mode!r}")
         if self.mode == "linear" and (self.mixup or self.layer_decay is not None):
             raise ValueError("--mixup and --layer-decay apply to --mode finetune only")
+        if self.mode == "finetune" and not self.bn_recalibrate:
+            raise ValueError("--no-bn-recalibrate applies to --mode linear only (fine-tuning trains BatchNorm)")
         if self.features not in ("last", "stages") or (self.mode == "finetune" and self.features != "last"):
             raise ValueError(f"--features must be 'last' or 'stages' (linear mode only), got {self.features!r}")
         if self.epochs < 1 or self.batch_size < 1 or not self.seeds:
@@ -77,7 +81,9 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path | None = None) -> dict[str
     """Run every seed; returns (and writes to ``out`` as JSON) per-seed and mean/std top-1.
 
     The seed sets the random init of the trunk (baseline) or head and the data order; the
-    held-out split is the same for every seed.
+    held-out split is the same for every seed. In linear mode with ``bn_recalibrate`` the
+    trunk's BatchNorm statistics (pretrained or random init alike) are re-estimated on the
+    training split before the features are computed (see ``recalibrate_batchnorm``).
     """
     model_name = resolve_model_name(cfg.weights, cfg.model)
     splits = _splits(cfg)
@@ -89,6 +95,8 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path | None = None) -> dict[str
         model = build_classifier(model_name, splits.num_classes, cfg.weights)
         if cfg.mode == "linear":
             if cached is None:
+                if cfg.bn_recalibrate:
+                    recalibrate_batchnorm(model, splits.train, cfg.batch_size)
                 features = extract_features(model, splits.train, cfg.batch_size, cfg.features)
                 val_features = extract_features(model, splits.val, cfg.batch_size, cfg.features)
                 if cfg.weights is not None:

@@ -110,3 +110,67 @@ def test_stage_features_concatenate_every_pooled_stage(resnet18):
     torch.testing.assert_close(stages[:, -512:], last)  # the last stage pooled is the classifier's input
     with pytest.raises(ValueError, match="'last' or 'stages'"):
         FinetuneConfig(model="resnet18", mode="finetune", features="stages")
+
+
+def _bn_inputs(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of every BatchNorm layer in an eval-mode forward pass (cloned: in-place ReLUs follow)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_pre_hook(lambda module, args, name=name: seen.setdefault(name, args[0].clone()))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d)
+    ]
+    with torch.no_grad():
+        model.eval().forward_features(images)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_bn_recalibration_sets_running_stats_to_the_probe_images_statistics(resnet18):
+    import copy
+
+    from torch.utils.data import TensorDataset
+
+    from sparkme.finetune import recalibrate_batchnorm
+
+    model = copy.deepcopy(resnet18)  # random running stats (mean +-0.2, var 0.5-1.5) stand in for sparse-image ones
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+    dataset = TensorDataset(images, torch.zeros(8, dtype=torch.long))
+    stale = _bn_inputs(model, images)
+    assert not torch.allclose(model.bn1.running_var, stale["bn1"].var(dim=(0, 2, 3)), rtol=0.1)  # stale stats
+    assert recalibrate_batchnorm(model, dataset, batch_size=8) == 20  # resnet18: 20 BatchNorm layers
+    assert not model.training and all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # one batch: every layer's running stats are its full-image input statistics (unbiased variance), up to
+    # the drift that train-mode (biased, per-batch) normalisation upstream causes at the small deep maps:
+    # measured worst 0.11 std / 16% here, vs 6.5 std / a factor e^5.4 for the stale statistics
+    for name, inputs in _bn_inputs(model, images).items():
+        norm = model.get_submodule(name)
+        mean, var = inputs.mean(dim=(0, 2, 3)), inputs.var(dim=(0, 2, 3))
+        assert ((norm.running_mean - mean).abs() / var.sqrt()).max() < 0.25, name
+        assert (norm.running_var / var).log().abs().max() < 0.3, name
+    # several batches: cumulative average (momentum=None), exact for the stem whose input does not depend on BN
+    recalibrate_batchnorm(model, dataset, batch_size=4)
+    stem = model.conv1(images)
+    torch.testing.assert_close(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    halves = torch.stack([half.var(dim=(0, 2, 3)) for half in stem.split(4)])
+    torch.testing.assert_close(model.bn1.running_var, halves.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_linear_probe_recalibrates_by_default_and_can_opt_out(resnet18, tmp_path, monkeypatch):
+    import sparkme.finetune.run as run_module
+
+    calls = []
+    real = run_module.recalibrate_batchnorm
+    monkeypatch.setattr(run_module, "recalibrate_batchnorm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = save_export(convert(resnet18.state_dict(), "resnet18", "timm"), tmp_path / "w.pth")
+    base = dict(weights=str(path), model="resnet18", mode="linear", epochs=1, **TINY)
+    on = run_finetune(FinetuneConfig(**base, seeds=[0, 1]))
+    assert len(calls) == 1  # pretrained trunk: recalibrated once, features shared by the seeds
+    off = run_finetune(FinetuneConfig(**base, bn_recalibrate=False))
+    assert len(calls) == 1 and on["config"]["bn_recalibrate"] and not off["config"]["bn_recalibrate"]
+    run_finetune(FinetuneConfig(model="resnet18", mode="linear", epochs=1, seeds=[0, 1], **TINY))
+    assert len(calls) == 3  # random init: recalibrated too, once per seed (a new trunk each)
+    with pytest.raises(ValueError, match="linear only"):
+        FinetuneConfig(model="resnet18", mode="finetune", bn_recalibrate=False)
+    assert main(["--model", "resnet18", "--mode", "finetune", "--no-bn-recalibrate"]) == 2
