@@ -106,6 +106,8 @@ def test_masked_dense_refuses_layers_it_cannot_emulate() -> None:
 def test_console_script_runs(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("sparkme-bench")
     command = [str(script), "bench=smoke", "models=[resnet18]", "paths=[dense]", "measures=[encoder]"]
-    done = subprocess.run([*command, f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*command, f"output_dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )  # cwd: Hydra's own run directory (bench_results/...) must not land in the checkout
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| resnet18 | encoder | 2 | 64 | 0.6 | dense |" in (tmp_path / "results.md").read_text()
