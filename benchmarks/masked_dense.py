@@ -6,7 +6,8 @@ class of each spatial module in place (weights, hooks and state-dict keys stay a
 
 - convolutions and poolings: dense op, then multiply by the visible map at that resolution;
 - BatchNorm: gather the visible sites, BatchNorm over them only, scatter into zeros;
-- LayerNorm (channels-first ``LayerNorm2d`` or channels-last on ``[B, H, W, C]``): the same;
+- LayerNorm (channels-first ``LayerNorm2d`` or channels-last on ``[B, H, W, C]``): per site, so
+  normalized everywhere and re-masked (the same values as SparK's gather-LN-scatter, cheaper);
 - ``nn.Linear`` on ``[B, H, W, C]`` (ConvNeXt's MLP): re-masked, so hidden sites stay exactly
   zero (SparK's own ConvNeXt let the MLP biases leak into hidden sites; the sparse engine does not).
 
@@ -98,26 +99,25 @@ class MaskedBatchNorm2d(nn.BatchNorm2d, _Masked):
 
 
 class MaskedLayerNorm2d(LayerNorm2d, _Masked):
-    """Channels-first LayerNorm (timm ``LayerNorm2d``) on visible sites; hidden sites stay zero."""
+    """Channels-first LayerNorm (timm ``LayerNorm2d``), hidden sites zeroed.
+
+    LayerNorm is per site, so normalizing everything and re-masking gives SparK's gather-LN-scatter
+    values exactly, without advanced indexing (whose backward is single-threaded on the CPU).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sites = self.visible.sites(x.shape[2], x.shape[3])
-        bhwc = x.permute(0, 2, 3, 1)
-        out = torch.zeros_like(bhwc)
-        out[sites] = F.layer_norm(bhwc[sites], self.normalized_shape, self.weight, self.bias, self.eps).to(out.dtype)
-        return out.permute(0, 3, 1, 2)
+        out = super().forward(x)
+        return out.mul_(self.visible.dense(out.shape[2], out.shape[3], out.dtype))
 
 
 class MaskedLayerNorm(nn.LayerNorm, _Masked):
-    """Channels-last LayerNorm on ``[B, H, W, C]``; visible sites only, hidden sites stay zero."""
+    """Channels-last LayerNorm on ``[B, H, W, C]``, hidden sites zeroed (per site: no gather needed)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         if x.dim() != 4:
-            return super().forward(x)
-        sites = self.visible.sites(x.shape[1], x.shape[2])
-        out = torch.zeros_like(x)
-        out[sites] = F.layer_norm(x[sites], self.normalized_shape, self.weight, self.bias, self.eps).to(out.dtype)
-        return out
+            return out
+        return out.mul_(self.visible.dense(x.shape[1], x.shape[2], out.dtype).permute(0, 2, 3, 1))
 
 
 class MaskedLinear(nn.Linear, _Masked):
