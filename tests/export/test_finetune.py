@@ -174,3 +174,17 @@ def test_linear_probe_recalibrates_by_default_and_can_opt_out(resnet18, tmp_path
     with pytest.raises(ValueError, match="linear only"):
         FinetuneConfig(model="resnet18", mode="finetune", bn_recalibrate=False)
     assert main(["--model", "resnet18", "--mode", "finetune", "--no-bn-recalibrate"]) == 2
+
+
+def test_compare_probes_matches_the_cli_runs(resnet18, tmp_path):
+    from sparkme.finetune.compare import compare_probes
+
+    path = save_export(convert(resnet18.state_dict(), "resnet18", "safetensors"), tmp_path / "w.safetensors")
+    sizes = dict(train_size=16, val_size=8, image_size=32, epochs=3, weight_decay=0.05, batch_size=8)
+    results = compare_probes(str(path), [0], **sizes)
+    rows = {(r["init"], r["features"], r["bn_recalibrate"]): r["top1"] for r in results["rows"]}
+    assert len(rows) == 8
+    for weights, features, recalibrate in [(str(path), "last", True), (None, "stages", False)]:
+        cfg = FinetuneConfig(weights=weights, model="resnet18", features=features, bn_recalibrate=recalibrate, **sizes)
+        expected = round(run_finetune(cfg)["runs"][0]["top1"], 2)
+        assert rows["pretrained" if weights else "random", features, recalibrate] == [expected]
