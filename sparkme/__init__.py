@@ -14,7 +14,11 @@ Heavy modules (MinkowskiEngine, timm) are imported on first use.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
+
+# MinkowskiEngine warns on every import of a CPU-only build; on a CPU machine that is expected.
+warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY", category=UserWarning)
 
 __version__ = "0.1.0"
 
