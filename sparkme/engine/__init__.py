@@ -1,6 +1,6 @@
 """The sparse engine: run any dense CNN on the visible pixels of masked images, exactly.
 
-``sparsify(cnn)`` returns a :class:`SparseEncoder`; see its docstring and docs/readme/engine.md.
+``sparsify(cnn)`` returns a :class:`SparseEncoder`; see its docstring and docs/engine.md.
 """
 
 from .encoder import SparseEncoder, sparsify

@@ -1,5 +1,5 @@
 """Pretrained vs random-init linear probes in one pass: last-stage and all-stage features, with and
-without BatchNorm re-calibration (the measurement in ``docs/readme/export.md``).
+without BatchNorm re-calibration (the measurement in ``docs/export.md``).
 
 Eight ``sparkme-finetune --mode linear`` runs would compute the same trunk features many times;
 this renders the demo images once and runs each trunk (the pretrained one, and one random init
