@@ -61,7 +61,6 @@ def minkowski_conv(
 ):
     """Submanifold (stride 1) or strided sparse convolution with dense-layout weights."""
     import MinkowskiEngine as ME
-    from MinkowskiEngine.MinkowskiConvolution import MinkowskiConvolutionFunction
     from MinkowskiEngineBackend._C import ConvolutionMode
 
     out_channels, in_per_group, kh, kw = weight.shape
@@ -72,7 +71,7 @@ def minkowski_conv(
     elif groups == 1:
         kernel = weight.permute(3, 2, 1, 0).reshape(kh * kw, in_per_group, out_channels).contiguous()
         generator = ME.KernelGenerator(kernel_size=[kh, kw], stride=list(stride), dilation=list(dilation), dimension=2)
-        out = MinkowskiConvolutionFunction.apply(
+        out = ME.MinkowskiConvolutionFunction.apply(
             x.F, kernel, generator, ConvolutionMode.DEFAULT, x.coordinate_map_key, out_key, x.coordinate_manager
         )
     else:

@@ -42,12 +42,11 @@ def _tiled_pool(x: SparseMap, stride: tuple[int, int], mode: str) -> SparseMap:
 
 def _centred_max_pool(x: SparseMap, kernel, stride, dilation) -> SparseMap:
     import MinkowskiEngine as ME
-    from MinkowskiEngine.MinkowskiPooling import MinkowskiLocalPoolingFunction
 
     manager = x.ctx.manager
     out_key = manager.stride(x.key, list(stride)) if stride != (1, 1) else x.key
     generator = ME.KernelGenerator(kernel_size=list(kernel), stride=list(stride), dilation=list(dilation), dimension=2)
-    out = MinkowskiLocalPoolingFunction.apply(
+    out = ME.MinkowskiLocalPoolingFunction.apply(
         x.features, ME.PoolingMode.LOCAL_MAX_POOLING, generator, x.key, out_key, manager
     )
     return SparseMap(out, out_key, _strided(x, stride), x.ctx)
