@@ -239,7 +239,7 @@ def installed_key() -> str | None:
 
 
 def import_ok() -> tuple[bool, str]:
-    code = "import MinkowskiEngine as ME; print(ME.__version__)"
+    code = "import warnings; warnings.simplefilter('ignore'); import MinkowskiEngine as ME; print(ME.__version__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return result.returncode == 0, (result.stdout + result.stderr).strip()
 
