@@ -23,6 +23,7 @@ from sparkme.benchmarks.machine import describe_machine, machine_line
 from sparkme.benchmarks.measure import MEASURES, Case, run_case
 from sparkme.benchmarks.paths import default_paths, get_path
 from sparkme.benchmarks.report import add_ratios, markdown_table, write_report
+from sparkme.benchmarks.worker import failed_row, run_isolated
 
 __all__ = ["cases_from_config", "run_benchmark", "main"]
 
@@ -60,7 +61,6 @@ def cases_from_config(cfg: DictConfig) -> list[Case]:
 
 
 def _run_in_process(case: Case) -> dict:
-    from dataclasses import asdict
 
     try:
         row = run_case(case)
@@ -70,20 +70,11 @@ def _run_in_process(case: Case) -> dict:
         return row
     except Exception as err:  # one failing path must not hide the others' numbers
         log.exception("case failed: %s", case)
-        return {
-            **asdict(case),
-            "ms": None,
-            "ms_all": [],
-            "cpu_ms": None,
-            "images_per_s": None,
-            "peak_mib": None,
-            "error": repr(err),
-        }
+        return failed_row(case, repr(err))
 
 
 def run_benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     """Run every case of ``cfg`` and write the report into ``out_dir``; return the result rows."""
-    from sparkme.benchmarks.worker import run_isolated
 
     cases = cases_from_config(cfg)
     machine = describe_machine(cfg.device)

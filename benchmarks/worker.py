@@ -32,14 +32,15 @@ def run_isolated(case: Case, timeout_s: float) -> dict:
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return _failed(case, f"timed out after {timeout_s:.0f} s")
+            return failed_row(case, f"timed out after {timeout_s:.0f} s")
         if done.returncode == 0 and result_file.exists():
             return json.loads(result_file.read_text())
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return _failed(case, f"exit code {done.returncode}: {' | '.join(tail)}")
+        return failed_row(case, f"exit code {done.returncode}: {' | '.join(tail)}")
 
 
-def _failed(case: Case, message: str) -> dict:
+def failed_row(case: Case, message: str) -> dict:
+    """The result row of a case that produced no measurement."""
     return {
         **asdict(case),
         "ms": None,
