@@ -238,19 +238,24 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _save_compute_inputs(ctx, features: torch.Tensor, weight: torch.Tensor, plan: NeighbourPlan):
+    """Cast both inputs to the compute dtype (autocast's, if active) and keep what backward needs."""
+    dtype = _compute_dtype(features.device, features.dtype)
+    features_c, weight_c = features.to(dtype), weight.to(dtype)
+    ctx.save_for_backward(features_c, weight_c)
+    ctx.plan = plan
+    ctx.dtypes = (features.dtype, weight.dtype)
+    return features_c, weight_c
+
+
 class _GatherConvFunction(Function):
     """Gather-GEMM convolution; ``weight`` is ``[groups, K*C_in_g, C_out_g]`` (ME's offset order)."""
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, plan: NeighbourPlan) -> torch.Tensor:
-        dtype = _compute_dtype(features.device, features.dtype)
+        features_c, weight_c = _save_compute_inputs(ctx, features, weight, plan)
         with torch.autocast(features.device.type, enabled=False):
-            features_c, weight_c = features.to(dtype), weight.to(dtype)
-            out = _grouped_mm(plan.gather(features_c), weight_c, plan.volume)
-        ctx.save_for_backward(features_c, weight_c)
-        ctx.plan = plan
-        ctx.dtypes = (features.dtype, weight.dtype)
-        return out
+            return _grouped_mm(plan.gather(features_c), weight_c, plan.volume)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -276,17 +281,11 @@ class _DepthwiseFunction(Function):
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, plan: NeighbourPlan) -> torch.Tensor:
-        dtype = _compute_dtype(features.device, features.dtype)
+        features_c, weight_c = _save_compute_inputs(ctx, features, weight, plan)
         with torch.autocast(features.device.type, enabled=False):
-            features_c, weight_c = features.to(dtype), weight.to(dtype)
             if plan.grid is not None:
-                out = _depthwise_via_dense(features_c, weight_c, plan)
-            else:
-                out = _weighted_neighbour_sum(features_c, weight_c, plan)
-        ctx.save_for_backward(features_c, weight_c)
-        ctx.plan = plan
-        ctx.dtypes = (features.dtype, weight.dtype)
-        return out
+                return _depthwise_via_dense(features_c, weight_c, plan)
+            return _weighted_neighbour_sum(features_c, weight_c, plan)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
