@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from sparkme.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sparkme.method.masking import upsample_mask
 
 __all__ = ["load_images", "main", "save_reconstruction_grid"]
 
@@ -67,9 +68,8 @@ def save_reconstruction_grid(
     rows = [(label, _to_pixels(result[key], mean, std)) for key, label in ROWS]
     if "mask" in result:  # paint hidden patches of the masked row mid-grey (0 would be the mean colour)
         masked = rows[1][1]
-        grid_h, grid_w = result["mask"].shape[-2:]
-        patch_h, patch_w = masked.shape[1] // grid_h, masked.shape[2] // grid_w
-        hidden = result["mask"].cpu().repeat_interleave(patch_h, 1).repeat_interleave(patch_w, 2)
+        grid_h = result["mask"].shape[-2]
+        hidden = upsample_mask(result["mask"].cpu(), masked.shape[1] // grid_h)  # patches are square
         rows[1] = (rows[1][0], masked.masked_fill(hidden.unsqueeze(-1), 0.5))
     count = rows[0][1].shape[0]
     figure, axes = plt.subplots(len(rows), count, figsize=(cell_inches * count, cell_inches * len(rows)), squeeze=False)
