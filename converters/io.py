@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
 import torch
+
+from sparkme.training.checkpoint import atomic_write_bytes
 
 from .base import Export
 
@@ -55,13 +58,15 @@ def save_export(export: Export, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if export.format == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         metadata = {"model_name": export.model_name, "format": "timm", "source": "sparkme"}
-        save_file(export.payload, str(path), metadata=metadata)
+        data = save(export.payload, metadata=metadata)
     elif export.format == "detectron2":
-        with path.open("wb") as handle:
-            pickle.dump(export.payload, handle)
+        data = pickle.dumps(export.payload)
     else:
-        torch.save(export.payload, path)
+        buffer = io.BytesIO()
+        torch.save(export.payload, buffer)
+        data = buffer.getvalue()
+    atomic_write_bytes(path, data)  # an interrupted export never leaves a torn file behind
     return path
