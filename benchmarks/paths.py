@@ -1,7 +1,7 @@
 """The compute paths compared by ``sparkme-bench`` and how to build each one's encoder.
 
-- ``sparse-gather`` / ``sparse-minkowski``: ``sparkme.sparsify`` with that conv backend (fp32:
-  the engine runs the sparse encoder outside autocast);
+- ``sparse-gather`` / ``sparse-minkowski``: ``sparkme.sparsify`` with that conv backend, fp32;
+  ``sparse-gather-bf16``: the gather backend under bf16 autocast (the stock ME kernels are fp32-only);
 - ``masked-dense``: SparK's reference emulation (``masked_dense.py``), fp32;
   ``masked-dense-bf16-cl``: the same in bf16 autocast and channels-last (the fast GPU baseline);
 - ``dense`` / ``dense-bf16-cl``: the plain network on the whole image (no masking at all).
@@ -31,6 +31,7 @@ PATHS: dict[str, Path] = {
     path.name: path
     for path in (
         Path("sparse-gather", "sparse", backend="gather"),
+        Path("sparse-gather-bf16", "sparse", backend="gather", bf16=True),
         Path("sparse-minkowski", "sparse", backend="minkowski"),
         Path("masked-dense", "masked"),
         Path("masked-dense-bf16-cl", "masked", bf16=True, channels_last=True),

@@ -10,6 +10,7 @@ never runs).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from . import layers  # noqa: F401  (registers the sparse implementations)
-from .backends import get_backend
+from .backends import get_backend, supports_autocast
 from .check import check_modules
 from .hierarchy import Stage, encoder_forward, find_stages
 from .layers.sync_bn import adopt_sync_batchnorms
@@ -127,8 +128,14 @@ class SparseEncoder(nn.Module):
                     raise _StopEncoding
 
             handles.append(self.model.get_submodule(stage.name).register_forward_hook(collect))
+        # the gather backend computes in the caller's autocast dtype; stock ME kernels need fp32
+        precision = (
+            contextlib.nullcontext()
+            if supports_autocast(self.backend)
+            else torch.autocast(images.device.type, enabled=False)
+        )
         try:
-            with torch.autocast(images.device.type, enabled=False):
+            with precision:
                 encoder_forward(self.model)(SparseMap(features, key, (1, 1), ctx))
         except _StopEncoding:
             pass

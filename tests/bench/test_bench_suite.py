@@ -45,6 +45,13 @@ def test_smoke_run_writes_json_csv_markdown_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bf16_paths_run_the_whole_step(tmp_path: Path) -> None:
+    """The GPU's bf16 paths, sparse included, run end to end (on the CPU here: plumbing, not speed)."""
+    cfg = _config("models=[resnet18]", "paths=[sparse-gather-bf16,masked-dense-bf16-cl]", "plot=false")
+    rows = run_benchmark(cfg, tmp_path)
+    assert len(rows) == 4 and all(row["error"] is None and row["ms"] > 0 for row in rows), rows
+
+
 def test_isolated_case_runs_in_a_fresh_process() -> None:
     case = Case(model="resnet18", path="dense", measure="encoder", batch=1, resolution=64, mask_ratio=0.6, iters=1)
     row = run_isolated(case, timeout_s=300)

@@ -15,6 +15,9 @@ Semantics every backend must keep (the exactness tests check them all):
 
 Backends register themselves in ``BACKENDS``; ``"minkowski"`` is MinkowskiEngine's
 stock kernels, ``"gather"`` is sparkme's gather-GEMM-scatter path on ME's kernel maps.
+A backend registered with ``autocast=True`` computes in autocast's dtype (bf16 on tensor cores):
+the encoder then runs its sparse forward inside the caller's autocast instead of forcing fp32
+(MinkowskiEngine's kernels take fp32/fp64 only).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["SparseConvFn", "BACKENDS", "DEFAULT_BACKEND", "get_backend", "register_backend"]
+__all__ = ["SparseConvFn", "BACKENDS", "DEFAULT_BACKEND", "get_backend", "register_backend", "supports_autocast"]
 
 
 class SparseConvFn(Protocol):
@@ -40,11 +43,23 @@ class SparseConvFn(Protocol):
 
 
 BACKENDS: dict[str, SparseConvFn] = {}
+_AUTOCAST: set[str] = set()
 DEFAULT_BACKEND = "minkowski"
 
 
-def register_backend(name: str, fn: SparseConvFn) -> None:
+def register_backend(name: str, fn: SparseConvFn, *, autocast: bool = False) -> None:
+    """Make ``fn`` selectable as backend ``name``; ``autocast``: it honours ``torch.autocast``."""
     BACKENDS[name] = fn
+    if autocast:
+        _AUTOCAST.add(name)
+    else:
+        _AUTOCAST.discard(name)
+
+
+def supports_autocast(name: str) -> bool:
+    """Whether backend ``name`` computes in autocast's dtype (else the encoder runs it in fp32)."""
+    get_backend(name)
+    return name in _AUTOCAST
 
 
 def get_backend(name: str) -> SparseConvFn:

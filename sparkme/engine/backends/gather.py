@@ -3,8 +3,8 @@
 MinkowskiEngine's stock CPU kernels loop over kernel offsets single-threaded (its
 backward is ~77% of a sparse ResNet-50 step). This backend keeps ME's coordinates and
 kernel maps but does the arithmetic with plain torch ops, which are multi-threaded on
-the CPU and run in bf16 on tensor cores under autocast (the engine currently runs the sparse
-encoder outside autocast, so sparkme's own encoder path stays fp32):
+the CPU and run in autocast's dtype (bf16 on tensor cores) when the caller runs the encoder under
+``torch.autocast``; outside autocast they compute in the input's dtype:
 
 - forward: one gather of every output site's ``k*k`` neighbours into ``[N_out, k*k*C_in]``
   (a zero row stands for a missing neighbour), then one GEMM (``bmm`` per group);
@@ -434,4 +434,4 @@ def _pointwise(features: torch.Tensor, weight: torch.Tensor, groups: int) -> tor
     return out.transpose(0, 1).reshape(rows, -1)
 
 
-register_backend("gather", gather_conv)
+register_backend("gather", gather_conv, autocast=True)

@@ -46,10 +46,13 @@ def _centred_max_pool(x: SparseMap, kernel, stride, dilation) -> SparseMap:
     manager = x.ctx.manager
     out_key = manager.stride(x.key, list(stride)) if stride != (1, 1) else x.key
     generator = ME.KernelGenerator(kernel_size=list(kernel), stride=list(stride), dilation=list(dilation), dimension=2)
+    features = x.features
+    # ME's pooling kernels take fp32/fp64 only; a max of bf16/fp16 values is exact in fp32 and back
+    compute = features if features.dtype in (torch.float32, torch.float64) else features.float()
     out = ME.MinkowskiLocalPoolingFunction.apply(
-        x.features, ME.PoolingMode.LOCAL_MAX_POOLING, generator, x.key, out_key, manager
+        compute, ME.PoolingMode.LOCAL_MAX_POOLING, generator, x.key, out_key, manager
     )
-    return SparseMap(out, out_key, _strided(x, stride), x.ctx)
+    return SparseMap(out.to(features.dtype), out_key, _strided(x, stride), x.ctx)
 
 
 @implements(F.max_pool2d)
