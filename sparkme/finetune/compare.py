@@ -123,11 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-size", type=int, default=500)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument(
+        "--data-seed", type=int, default=1000, help="demo seed of the probe's training images (held-out: seed + 1)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     results = compare_probes(
         args.weights, args.seeds, model_name=args.model, train_size=args.train_size, val_size=args.val_size,
-        image_size=args.image_size, weight_decay=args.weight_decay,
+        image_size=args.image_size, weight_decay=args.weight_decay, data_seed=args.data_seed,
     )  # fmt: skip
     for row in results["rows"]:
         print(
