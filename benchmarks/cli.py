@@ -23,6 +23,7 @@ from sparkme.benchmarks.machine import describe_machine, machine_line
 from sparkme.benchmarks.measure import MEASURES, Case, run_case
 from sparkme.benchmarks.paths import default_paths, get_path
 from sparkme.benchmarks.report import add_ratios, markdown_table, write_report
+from sparkme.benchmarks.rounds import merge_rounds
 from sparkme.benchmarks.worker import failed_row, run_isolated
 
 __all__ = ["cases_from_config", "run_benchmark", "main"]
@@ -77,16 +78,23 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     """Run every case of ``cfg`` and write the report into ``out_dir``; return the result rows."""
 
     cases = cases_from_config(cfg)
+    rounds = int(cfg.get("rounds", 1))
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     machine = describe_machine(cfg.device)
-    log.info("%d cases on %s", len(cases), machine_line(machine))
-    rows = []
-    for index, case in enumerate(cases, 1):
-        row = run_isolated(case, cfg.case_timeout_s) if cfg.isolate else _run_in_process(case)
-        rows.append(row)
-        status = f"{row['ms']:.1f} ms, peak {row['peak_mib']:.0f} MiB" if row["error"] is None else row["error"]
-        log.info("[%d/%d] %s %s %s b%d %dpx mask %.2f: %s", index, len(cases), case.model, case.measure,
-                 case.path, case.batch, case.resolution, case.mask_ratio, status)  # fmt: skip
-    add_ratios(rows, cfg.reference)
+    log.info("%d cases x %d round(s) on %s", len(cases), rounds, machine_line(machine))
+    per_round = []
+    for round_index in range(1, rounds + 1):
+        rows = []
+        for index, case in enumerate(cases, 1):
+            row = run_isolated(case, cfg.case_timeout_s) if cfg.isolate else _run_in_process(case)
+            rows.append(row)
+            status = f"{row['ms']:.1f} ms, peak {row['peak_mib']:.0f} MiB" if row["error"] is None else row["error"]
+            log.info("round %d/%d [%d/%d] %s %s %s b%d %dpx mask %.2f: %s", round_index, rounds, index, len(cases),
+                     case.model, case.measure, case.path, case.batch, case.resolution, case.mask_ratio,
+                     status)  # fmt: skip
+        per_round.append(add_ratios(rows, cfg.reference))
+    rows = merge_rounds(per_round) if rounds > 1 else per_round[0]
     config = OmegaConf.to_container(cfg, resolve=True)
     files = write_report(rows, machine, config, out_dir, plot=cfg.plot)
     print(markdown_table(rows, machine))

@@ -24,6 +24,7 @@ _CSV_FIELDS = [
     "mem_vs_best_masked",
     "warmup",
     "iters",
+    "rounds",
     "threads",
     "error",
 ]
@@ -87,6 +88,12 @@ def markdown_table(rows: list[dict], machine: dict) -> str:
         f"Time: median of the timed iterations after warm-up (warm-up, timed): {iters}; CPU ms: this process's CPU "
         f"time (all threads) over the same iterations. Memory: {'; '.join(memory)}.",
     ]
+    rounds = max((row.get("rounds", 1) for row in rows), default=1)
+    if rounds > 1:
+        lines.append(
+            f"Rounds: {rounds} (the whole case list run {rounds} times, paths one after the other); each value is "
+            "the median over rounds, each ratio the median of the per-round ratios (paths timed seconds apart)."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -118,3 +118,23 @@ def test_console_script_runs(tmp_path: Path) -> None:
     )  # cwd: Hydra's own run directory (bench_results/...) must not land in the checkout
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| resnet18 | encoder | 2 | 64 | 0.6 | dense |" in (tmp_path / "results.md").read_text()
+
+
+def test_rounds_pair_paths_in_time_and_report_medians(tmp_path: Path) -> None:
+    cfg = _config("models=[resnet18]", "paths=[dense,masked-dense]", "measures=[encoder]", "rounds=3", "plot=false")
+    rows = run_benchmark(cfg, tmp_path)
+    assert len(rows) == 2 and all(row["rounds"] == 3 and len(row["ms_rounds"]) == 3 for row in rows)
+    dense = next(row for row in rows if row["path"] == "dense")
+    assert dense["ms"] == sorted(dense["ms_rounds"])[1]
+    assert dense["time_vs_ref"] == sorted(dense["time_vs_ref_rounds"])[1]
+    assert "Rounds: 3" in (tmp_path / "results.md").read_text()
+
+
+def test_a_case_failing_in_one_round_is_reported_failed() -> None:
+    from sparkme.benchmarks.rounds import merge_rounds
+
+    ok = {"path": "dense", "error": None, "ms": 10.0, "cpu_ms": 20.0, "images_per_s": 1.0, "peak_mib": 5.0}
+    rows = merge_rounds([[dict(ok)], [dict(ok, error="boom", ms=None)], [dict(ok, ms=30.0)]])
+    assert rows[0]["error"] == "boom" and rows[0]["ms"] is None and rows[0]["ms_rounds"] == [10.0, None, 30.0]
+    with pytest.raises(ValueError, match="different numbers of cases"):
+        merge_rounds([[ok], [ok, ok]])
