@@ -58,6 +58,7 @@ class NeighbourPlan:
     grid_rows: torch.Tensor | None = field(default=None, repr=False)  # [num_in] flat index into B*H*W
     _inverse: torch.Tensor | None = field(default=None, repr=False)
     _columns: torch.Tensor | None = field(default=None, repr=False)
+    _reversed: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_out(self) -> int:
@@ -88,13 +89,20 @@ class NeighbourPlan:
         padded[-1].zero_()
         return padded
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+    def gather(self, rows: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """``[num_out, volume * C]``: each output's neighbour rows side by side (zeros where missing).
 
-        The result lives in scratch memory: consume it before the next ``gather``/``scatter``.
+        ``reverse``: kernel offsets in reverse order (the flipped kernel of a symmetric plan's input
+        gradient, so that the weight needs no flip). The result lives in scratch memory: consume it
+        before the next ``gather``/``scatter``.
         """
-        columns = self.scratch.take("columns", (self.table.numel(), rows.shape[1]), rows)
-        torch.index_select(self.padded(rows), 0, self.table.view(-1), out=columns)
+        table = self.table
+        if reverse:
+            if self._reversed is None:
+                self._reversed = table.flip(1).contiguous()
+            table = self._reversed
+        columns = self.scratch.take("columns", (table.numel(), rows.shape[1]), rows)
+        torch.index_select(self.padded(rows), 0, table.view(-1), out=columns)
         return columns.view(self.num_out, -1)
 
     def scatter(self, columns: torch.Tensor) -> torch.Tensor:
@@ -208,18 +216,29 @@ def _grouped_mm(columns: torch.Tensor, weight: torch.Tensor, volume: int) -> tor
 
 
 def _grouped_weight_grad(columns: torch.Tensor, grad_out: torch.Tensor, groups: int, volume: int) -> torch.Tensor:
-    """``[groups, volume*C_g, O_g]`` gradient of ``_grouped_mm`` with respect to the weight."""
+    """``[groups, volume*C_g, O_g]`` gradient of ``_grouped_mm`` with respect to the weight.
+
+    Computed as ``[groups, O_g, volume*C_g]`` and returned transposed (a view), the layout of the
+    weight itself (see ``_conv_matrix``): the gradient flows back to ``nn.Conv2d``'s layout without
+    a cache-hostile transpose copy.
+    """
     if groups == 1:
-        return (columns.t() @ grad_out).unsqueeze(0)
+        return (grad_out.t() @ columns).unsqueeze(0).transpose(1, 2)
     rows = columns.shape[0]
-    per_group = columns.view(rows, volume, groups, -1).permute(2, 1, 3, 0).reshape(groups, -1, rows)
-    return torch.bmm(per_group, grad_out.view(rows, groups, -1).transpose(0, 1))
+    per_group = columns.view(rows, volume, groups, -1).permute(2, 0, 1, 3).reshape(groups, rows, -1)
+    return torch.bmm(grad_out.view(rows, groups, -1).permute(1, 2, 0), per_group).transpose(1, 2)
 
 
-def _flipped(weight: torch.Tensor, volume: int) -> torch.Tensor:
-    """``[g, K*C_g, O_g] -> [g, K*O_g, C_g]``: the transposed kernel with offsets reversed."""
+def _transposed_taps(weight: torch.Tensor, volume: int) -> torch.Tensor:
+    """``[g, K*C_g, O_g] -> [g, K*O_g, C_g]``: each kernel offset's matrix transposed (offsets kept in order).
+
+    With the neighbours gathered in reverse offset order this is the flipped, transposed kernel of a
+    stride-1 input gradient. ``weight`` is stored ``[g, O_g, K*C_g]`` (``_conv_matrix``), so the copy
+    moves whole ``C_g``-long rows (a ``flip`` here would cost ten times more).
+    """
     groups, _, out_g = weight.shape
-    return weight.view(groups, volume, -1, out_g).flip(1).transpose(2, 3).reshape(groups, -1, weight.shape[1] // volume)
+    stored = weight.transpose(1, 2).reshape(groups, out_g, volume, -1)  # a view for _conv_matrix's layout
+    return stored.transpose(1, 2).reshape(groups, volume * out_g, -1)
 
 
 def _column_grad(grad_out: torch.Tensor, weight: torch.Tensor, volume: int) -> torch.Tensor:
@@ -269,7 +288,8 @@ class _GatherConvFunction(Function):
                 grad_weight = grad_weight.to(ctx.dtypes[1])
             if ctx.needs_input_grad[0]:
                 if plan.symmetric:
-                    grad_features = _grouped_mm(plan.gather(grad_out), _flipped(weight, plan.volume), plan.volume)
+                    taps = _transposed_taps(weight, plan.volume)
+                    grad_features = _grouped_mm(plan.gather(grad_out, reverse=True), taps, plan.volume)
                 else:
                     grad_features = plan.scatter(_column_grad(grad_out, weight, plan.volume))
                 grad_features = grad_features.to(ctx.dtypes[0])
@@ -416,12 +436,23 @@ def gather_conv(
             taps = weight.reshape(out_channels, kh, kw).permute(2, 1, 0).reshape(volume, out_channels)
             out = _DepthwiseFunction.apply(features, taps, plan)
         else:
-            matrix = weight.view(groups, out_channels // groups, in_per_group, kh, kw)
-            matrix = matrix.permute(0, 4, 3, 2, 1).reshape(groups, volume * in_per_group, out_channels // groups)
-            out = _GatherConvFunction.apply(features, matrix, plan)
+            out = _GatherConvFunction.apply(features, _conv_matrix(weight, groups), plan)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=manager)
+
+
+def _conv_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``nn.Conv2d`` weight ``[O, C_g, kh, kw]`` as the GEMM matrix ``[groups, K*C_g, O_g]`` (ME's offset order).
+
+    Stored ``[groups, O_g, K*C_g]`` and returned transposed (a view; BLAS takes transposed operands
+    for free): building it only reorders each output channel's ``C_g x K`` block, where the
+    ``[K*C_g, O_g]`` layout would need a full, cache-hostile transpose of the weight every step.
+    """
+    out_channels, in_per_group, kh, kw = weight.shape
+    out_g = out_channels // groups
+    stored = weight.view(groups, out_g, in_per_group, kh, kw).permute(0, 1, 4, 3, 2)
+    return stored.reshape(groups, out_g, kh * kw * in_per_group).transpose(1, 2)
 
 
 def _pointwise(features: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
