@@ -10,13 +10,17 @@ the CPU and run in autocast's dtype (bf16 on tensor cores) when the caller runs 
   (a zero row stands for a missing neighbour), then one GEMM (``bmm`` per group);
 - backward to the weight: the same gather (recomputed, not stored) times the output grad;
 - backward to the input: for stride-1 odd kernels the neighbour relation is symmetric,
-  so it is the same gather-GEMM on the output grad with the flipped kernel; otherwise the
+  so it is the same gather-GEMM on the output grad with the flipped kernel (gathered in reverse
+  offset order, so the kernel itself is never flipped); otherwise the
   ``[N_out, k*k*C_in]`` column grad is summed back through an inverse neighbour table (a
   gather too: deterministic, multi-threaded, no atomics and no autograd of indexing);
 - depthwise convolutions: stride-1 forward and input grad run the dense depthwise kernel on a
   zero-filled map (exact: hidden inputs are zero) and gather the active rows; the weight grad and
   strided depthwise are a weighted sum over the ``k*k`` neighbours in cache-sized row blocks;
-- 1x1 stride-1 convolutions are a plain ``mm`` on the active rows.
+- 1x1 stride-1 convolutions are a plain ``mm`` on the active rows;
+- the GEMM weight is kept ``[O, k*k*C_in]`` and used transposed (BLAS does that for free), so
+  reshaping ``nn.Conv2d``'s ``[O, C_in, kh, kw]`` and its gradient only reorders each output
+  channel's block instead of transposing the whole weight every step.
 
 Neighbour tables are cached per coordinate manager (weakly: they die with the batch's
 manager) and per (input map, output map, kernel, dilation), so every layer of a stage
