@@ -127,13 +127,14 @@ def test_rounds_pair_paths_in_time_and_report_medians(tmp_path: Path) -> None:
     dense = next(row for row in rows if row["path"] == "dense")
     assert dense["ms"] == sorted(dense["ms_rounds"])[1]
     assert dense["time_vs_ref"] == sorted(dense["time_vs_ref_rounds"])[1]
+    assert dense["images_per_s"] == pytest.approx(dense["batch"] / (dense["ms"] / 1000))
     assert "Rounds: 3" in (tmp_path / "results.md").read_text()
 
 
 def test_a_case_failing_in_one_round_is_reported_failed() -> None:
     from sparkme.benchmarks.rounds import merge_rounds
 
-    ok = {"path": "dense", "error": None, "ms": 10.0, "cpu_ms": 20.0, "images_per_s": 1.0, "peak_mib": 5.0}
+    ok = {"path": "dense", "batch": 2, "error": None, "ms": 10.0, "cpu_ms": 20.0, "images_per_s": 1.0, "peak_mib": 5.0}
     rows = merge_rounds([[dict(ok)], [dict(ok, error="boom", ms=None)], [dict(ok, ms=30.0)]])
     assert rows[0]["error"] == "boom" and rows[0]["ms"] is None and rows[0]["ms_rounds"] == [10.0, None, 30.0]
     with pytest.raises(ValueError, match="different numbers of cases"):
