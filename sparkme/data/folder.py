@@ -2,23 +2,27 @@
 
 Files that are not images, or that fail to decode (truncated, corrupt), are skipped
 with a warning and collected in ``skipped`` so a run can report them at the end; a
-folder without a single readable image is a clear error. Every image comes out as
-8-bit RGB in its EXIF orientation, whatever its mode (grayscale, 16-bit, RGBA,
-palette, CMYK).
+folder without a single readable image is a clear error when the dataset is built,
+before any training. Symbolic links are followed, each real file and folder once (a
+link loop cannot multiply the samples). Every image comes out as 8-bit RGB in its EXIF
+orientation, whatever its mode (grayscale, 16-bit, RGBA, palette, CMYK):
+:func:`read_image` is that one loader for every command line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageFolderDataset", "load_rgb", "to_rgb"]
+from sparkme.errors import UserError
+
+__all__ = ["ImageFolderDataset", "load_rgb", "read_image", "to_rgb", "walk_files"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,43 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         return to_rgb(image)
 
 
+def read_image(path: str | os.PathLike[str]) -> Image.Image:
+    """:func:`load_rgb` for one named file, with a one-line error that names it."""
+    try:
+        return load_rgb(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"image {str(path)!r} does not exist") from error
+    except _READ_ERRORS as error:
+        raise UserError(
+            f"cannot read image {str(path)!r} ({type(error).__name__}: {error}); give a file Pillow decodes "
+            "(PNG, JPEG, ...)"
+        ) from error
+
+
+def walk_files(root: Path) -> Iterator[Path]:
+    """Every non-hidden file below ``root`` in sorted order, following symbolic links.
+
+    Each real folder is entered once and each real file yielded once, so a link loop or a
+    second link to the same folder adds nothing.
+    """
+    seen_folders: set[str] = set()
+    seen_files: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real_folder = os.path.realpath(dirpath)
+        if real_folder in seen_folders:
+            dirnames[:] = []
+            continue
+        seen_folders.add(real_folder)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            real_file = os.path.realpath(path)
+            if name.startswith(".") or real_file in seen_files:
+                continue
+            seen_files.add(real_file)
+            yield path
+
+
 def _is_image_header(path: Path) -> bool:
     """Cheap check at scan time: does Pillow recognise the file as an image at all?"""
     try:
@@ -61,9 +102,10 @@ def _is_image_header(path: Path) -> bool:
 class ImageFolderDataset:
     """Every readable image below ``root`` (recursive, sorted), as ``(image, 0)`` pairs.
 
-    Files Pillow cannot identify are skipped at scan time; files that fail to decode
-    later (e.g. truncated JPEGs) are skipped when first read and replaced by the next
-    readable image. ``skipped`` lists ``(path, reason)`` for both kinds.
+    Files Pillow cannot identify are skipped at scan time, and the scan decodes images until
+    one succeeds (so a folder of only truncated or corrupt files fails here). Other files
+    that fail to decode (e.g. truncated JPEGs) are skipped when first read and replaced by
+    the next readable image. ``skipped`` lists ``(path, reason)`` for both kinds.
     """
 
     num_classes: int = 1
@@ -76,22 +118,39 @@ class ImageFolderDataset:
         self.transform = transform
         self.skipped: list[tuple[str, str]] = []
         self.files: list[Path] = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                path = Path(dirpath) / name
-                if _is_image_header(path):
-                    self.files.append(path)
-                else:
-                    self._skip(path, "not an image Pillow can read")
+        for path in walk_files(self.root):
+            if _is_image_header(path):
+                self.files.append(path)
+            else:
+                self._skip(path, "not an image Pillow can read")
         if not self.files:
-            raise ValueError(
+            raise UserError(
                 f"no readable image found under {str(self.root)!r} ({len(self.skipped)} other files skipped); "
                 "point data.root at a folder holding .jpg/.png/... images (subfolders are searched)"
             )
         self._bad: set[int] = set()
+        self._find_one_decodable()
+
+    def _find_one_decodable(self) -> None:
+        """Decode files in order until one works; none working is an error before any training."""
+        first_error, not_images = "", len(self.skipped)
+        for i, path in enumerate(self.files):
+            try:
+                load_rgb(path)
+            except _READ_ERRORS as error:
+                self._mark_bad(i, error)
+                first_error = first_error or f"{path.name}: {type(error).__name__}: {error}"
+                continue
+            return
+        raise UserError(
+            f"none of the {len(self.files)} image files under {str(self.root)!r} can be decoded (truncated or "
+            f"corrupt; first: {first_error}; {not_images} other files are not images); point data.root at a "
+            "folder with readable images"
+        )
+
+    def _mark_bad(self, index: int, error: BaseException) -> None:
+        self._bad.add(index)
+        self._skip(self.files[index], f"failed to decode ({type(error).__name__}: {error})")
 
     def _skip(self, path: Path, reason: str) -> None:
         self.skipped.append((str(path), reason))
@@ -108,8 +167,7 @@ class ImageFolderDataset:
             try:
                 image = load_rgb(self.files[i])
             except _READ_ERRORS as error:
-                self._bad.add(i)
-                self._skip(self.files[i], f"failed to decode ({type(error).__name__}: {error})")
+                self._mark_bad(i, error)
                 continue
             return (self.transform(image) if self.transform is not None else image), 0
         raise RuntimeError(f"none of the {len(self.files)} images under {str(self.root)!r} could be decoded")

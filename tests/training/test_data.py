@@ -13,6 +13,7 @@ from PIL import Image
 
 from sparkme.data import DemoDataset, ImageFolderDataset, ResumableSampler, SeededTransformDataset, pretrain_transform
 from sparkme.data.folder import load_rgb
+from sparkme.errors import UserError
 
 
 def test_demo_is_deterministic_rgb_and_labelled() -> None:
@@ -109,3 +110,52 @@ def test_distributed_sampler_shards_are_disjoint() -> None:
     data = SeededTransformDataset(DemoDataset(length=10, image_size=40), pretrain_transform(32))
     shards = [{i for i, _ in ResumableSampler(data, num_replicas=2, rank=r, seed=0)} for r in (0, 1)]
     assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == 5
+
+
+def _write_undecodable_folder(root: Path, count: int = 3) -> None:
+    """JPEGs whose headers are valid but whose data is cut off or destroyed."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=95)
+        data = buffer.getvalue()
+        (root / f"truncated_{index}.jpg").write_bytes(data[: len(data) // 3])
+    (root / "header_only.jpg").write_bytes(data[:200])  # too short to be recognised: not an image
+
+
+def test_folder_of_only_undecodable_images_fails_when_built(tmp_path: Path) -> None:
+    _write_undecodable_folder(tmp_path)
+    message = r"none of the 3 image files .* can be decoded \(truncated or corrupt; first: truncated_0.jpg: .*; 1 other"
+    with pytest.raises(UserError, match=message):
+        ImageFolderDataset(tmp_path)
+
+
+def test_bad_first_file_of_a_mixed_folder_is_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_undecodable_folder(tmp_path, count=1)
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "zz_good.png")
+    with caplog.at_level(logging.WARNING):
+        data = ImageFolderDataset(tmp_path)
+    assert "truncated_0.jpg: failed to decode" in caplog.text and "header_only.jpg" in caplog.text
+    assert [np.asarray(data[i][0])[0, 0].tolist() for i in range(len(data))] == [[9, 9, 9]] * len(data)
+
+
+def test_symlinks_are_followed_once_per_real_file(tmp_path: Path) -> None:
+    """A link loop and a second link to a folder must not multiply the 23 images."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for index in range(23):
+        folder = [tmp_path, tmp_path / "a", tmp_path / "a" / "b"][index % 3]
+        Image.new("RGB", (8, 8), (index, 0, 0)).save(folder / f"{index:02d}.png")
+    (tmp_path / "a" / "b" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "alias_of_a").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert len(ImageFolderDataset(tmp_path)) == 23
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8), (99, 0, 0)).save(outside / "extra.png")
+    (tmp_path / "a" / "linked_out").symlink_to(outside, target_is_directory=True)
+    data = ImageFolderDataset(tmp_path)
+    assert len(data) == 24  # 23 + the one image reached only through a link
+    reds = sorted(np.asarray(data[i][0])[0, 0, 0] for i in range(len(data)))
+    assert reds == [*range(23), 99]
