@@ -7,7 +7,26 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["LightDecoder", "UpBlock"]
+__all__ = ["LightDecoder", "UpBlock", "init_decoder_weights"]
+
+
+def init_decoder_weights(module: nn.Module) -> None:
+    """Official SparK decoder init for every submodule of ``module``.
+
+    Conv2d and Linear: truncated normal std 0.02 (cut at +-2, i.e. plain normal), bias 0;
+    ConvTranspose2d: Kaiming normal (fan_out, ReLU gain), bias 0; BatchNorm and LayerNorm: 1 and 0.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d | nn.Linear):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+        elif isinstance(layer, nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm | nn.LayerNorm):
+            nn.init.ones_(layer.weight)
+        else:
+            continue
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
 
 
 class UpBlock(nn.Module):
@@ -35,7 +54,8 @@ class LightDecoder(nn.Module):
     ``upsample_ratio / 2**i`` with ``width // 2**i`` channels (``level_widths``). ``forward(features)``
     takes one tensor (or ``None``) per level, deepest first; a tensor at level ``i`` is added before
     block ``i`` (level ``n``, stride 1, is added before the final 1x1 conv to 3 channels).
-    ``LightDecoder(768, 32)`` is the paper's decoder: widths 768, 384, 192, 96, 48, 24.
+    ``LightDecoder(768, 32)`` is the paper's decoder: widths 768, 384, 192, 96, 48, 24. Weights
+    start from :func:`init_decoder_weights` (the official rule).
     """
 
     def __init__(self, width: int = 768, upsample_ratio: int = 32, out_channels: int = 3) -> None:
@@ -54,6 +74,7 @@ class LightDecoder(nn.Module):
             UpBlock(cin, cout) for cin, cout in zip(self.level_widths[:-1], self.level_widths[1:])
         )
         self.head = nn.Conv2d(self.level_widths[-1], out_channels, kernel_size=1, bias=True)
+        init_decoder_weights(self)
 
     @property
     def level_strides(self) -> list[int]:

@@ -2,7 +2,10 @@
 
 Per scale (paper section 3.2): normalize the features of the active (visible) sites only,
 fill every hidden site with that scale's learnable mask embedding ``[M_i]``, then project to
-the decoder's width at that scale (``phi_i``).
+the decoder's width at that scale (``phi_i``). As in official SparK, a projection is the
+identity when a scale is marked so (the deepest one when its width equals the decoder's), mask
+embeddings start from a normal of std 0.02 truncated at +-0.02, and projections keep
+PyTorch's default Conv2d init.
 """
 
 from __future__ import annotations
@@ -10,9 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Densify", "NORM_KINDS"]
+__all__ = ["Densify", "NORM_KINDS", "init_mask_token"]
 
 NORM_KINDS = ("bn", "ln")
+
+
+def init_mask_token(token: torch.Tensor) -> None:
+    """Official SparK mask-embedding init: normal, std 0.02, truncated at +-0.02 (one std)."""
+    nn.init.trunc_normal_(token, mean=0.0, std=0.02, a=-0.02, b=0.02)
 
 
 def _active_site_norm(norm_kind: str, channels: int) -> nn.Module:
@@ -24,17 +32,27 @@ def _active_site_norm(norm_kind: str, channels: int) -> nn.Module:
     raise ValueError(f"norm_kind must be one of {NORM_KINDS} (got {norm_kind!r}): 'bn' for BatchNorm nets, else 'ln'")
 
 
+def _projection(in_channels: int, out_channels: int, kernel_size: int | None) -> nn.Module:
+    """``phi_i``: a ``kernel_size`` conv to the decoder width, or the identity for ``kernel_size=None``."""
+    if kernel_size is None:
+        if in_channels != out_channels:
+            raise ValueError(f"an identity projection needs equal widths (got {in_channels} -> {out_channels})")
+        return nn.Identity()
+    return nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2, bias=True)
+
+
 class Densify(nn.Module):
     """Normalize, mask-embed and project a list of per-scale features.
 
     ``forward(features, visible)`` takes dense encoder maps ``[B, C_i, H_i, W_i]`` (values at hidden
     sites are ignored) and bool maps ``[B, H_i, W_i]`` that are True at visible sites, and returns
     ``[B, out_channels[i], H_i, W_i]``. Statistics of the normalization use visible sites only, so
-    the zeros an encoder leaves at hidden sites never reach BatchNorm's batch statistics.
+    the zeros an encoder leaves at hidden sites never reach BatchNorm's batch statistics. A
+    ``kernel_sizes`` entry of ``None`` makes that scale's projection the identity.
     """
 
     def __init__(
-        self, in_channels: list[int], out_channels: list[int], norm_kind: str, kernel_sizes: list[int]
+        self, in_channels: list[int], out_channels: list[int], norm_kind: str, kernel_sizes: list[int | None]
     ) -> None:
         super().__init__()
         if not len(in_channels) == len(out_channels) == len(kernel_sizes):
@@ -46,10 +64,9 @@ class Densify(nn.Module):
         self.norms = nn.ModuleList(_active_site_norm(norm_kind, channels) for channels in in_channels)
         self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(channels)) for channels in in_channels)
         for token in self.mask_tokens:
-            nn.init.trunc_normal_(token, std=0.02, a=-0.04, b=0.04)
+            init_mask_token(token)
         self.projections = nn.ModuleList(
-            nn.Conv2d(cin, cout, kernel_size=k, padding=k // 2, bias=True)
-            for cin, cout, k in zip(in_channels, out_channels, kernel_sizes, strict=True)
+            _projection(cin, cout, k) for cin, cout, k in zip(in_channels, out_channels, kernel_sizes, strict=True)
         )
 
     def densify_scale(self, index: int, features: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 __all__ = ["PATCH_NORM_EPS", "masked_patch_mse", "patch_stats", "patchify", "unpatchify"]
 
-PATCH_NORM_EPS = 1e-6
+PATCH_NORM_EPS = 1e-6  # added to each patch's variance before the square root
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -25,9 +25,12 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> tor
 
 
 def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch mean and standard deviation ``sqrt(var + eps)`` over all pixels and channels of a patch."""
+    """Per-patch mean and ``sqrt(var + eps)`` over all pixels and channels of a patch.
+
+    ``var`` is the unbiased sample variance (``torch.var``'s default), as in official SparK and MAE.
+    """
     mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, unbiased=False, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
     return mean, (var + PATCH_NORM_EPS).sqrt()
 
 
@@ -38,7 +41,8 @@ def masked_patch_mse(
 
     ``pred`` and ``images`` are ``[B, 3, H, W]``; ``mask`` is ``[B, h, w]``, True where hidden. With
     ``norm_pix`` the target of each patch is its pixels minus their mean over their std. Visible
-    patches are selected out, so their gradient is exactly zero.
+    patches are selected out, so their gradient is exactly zero. (Official SparK divides by
+    ``num_hidden + 1e-8`` computed in float32, which is ``num_hidden`` exactly.)
     """
     target = patchify(images, patch_size)
     if norm_pix:

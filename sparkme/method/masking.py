@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_mask_ratio", "hidden_patch_count", "patch_grid", "random_patch_mask", "upsample_mask"]
+__all__ = [
+    "check_mask_ratio",
+    "hidden_patch_count",
+    "patch_grid",
+    "random_patch_mask",
+    "upsample_mask",
+    "visible_patch_count",
+]
 
 
 def check_mask_ratio(mask_ratio: float) -> float:
@@ -15,9 +22,14 @@ def check_mask_ratio(mask_ratio: float) -> float:
     return ratio
 
 
+def visible_patch_count(num_patches: int, mask_ratio: float) -> int:
+    """Number of patches kept visible per sample: ``round(num_patches * (1 - mask_ratio))`` (as official SparK)."""
+    return int(round(num_patches * (1.0 - check_mask_ratio(mask_ratio))))
+
+
 def hidden_patch_count(num_patches: int, mask_ratio: float) -> int:
-    """Number of patches hidden per sample: ``round(num_patches * mask_ratio)``."""
-    return int(round(num_patches * check_mask_ratio(mask_ratio)))
+    """Number of patches hidden per sample: ``num_patches - visible_patch_count(...)`` (29 of 49 at 0.6)."""
+    return num_patches - visible_patch_count(num_patches, mask_ratio)
 
 
 def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
@@ -41,18 +53,19 @@ def random_patch_mask(
 ) -> torch.Tensor:
     """Bool mask ``[batch, grid_h, grid_w]``, True where a patch is hidden.
 
-    Every sample hides exactly ``round(grid_h * grid_w * mask_ratio)`` patches chosen uniformly at
-    random and independently of the other samples; the same ``generator`` state gives the same mask.
+    Every sample keeps exactly :func:`visible_patch_count` patches visible, chosen uniformly at
+    random and independently of the other samples: the first ones of an argsort of uniform noise,
+    the official SparK draw, so the same CPU ``generator`` state gives the official code's mask.
     """
     if batch < 1 or grid_h < 1 or grid_w < 1:
         raise ValueError(f"batch and grid sides must be positive (got batch={batch}, grid={grid_h}x{grid_w})")
     num_patches = grid_h * grid_w
-    num_hidden = hidden_patch_count(num_patches, mask_ratio)
+    num_visible = visible_patch_count(num_patches, mask_ratio)
     noise_device = generator.device if generator is not None else device
     noise = torch.rand(batch, num_patches, generator=generator, device=noise_device)
-    hidden_index = noise.argsort(dim=1)[:, :num_hidden]
-    mask = torch.zeros(batch, num_patches, dtype=torch.bool, device=noise_device)
-    mask.scatter_(1, hidden_index, True)
+    visible_index = noise.argsort(dim=1)[:, :num_visible]
+    mask = torch.ones(batch, num_patches, dtype=torch.bool, device=noise_device)
+    mask.scatter_(1, visible_index, False)
     if device is not None:
         mask = mask.to(device)
     return mask.view(batch, grid_h, grid_w)

@@ -24,7 +24,7 @@ from sparkme.method.masking import (
     upsample_mask,
 )
 
-__all__ = ["SparK", "decoder_levels", "no_weight_decay_names"]
+__all__ = ["SparK", "decoder_levels", "no_weight_decay_names", "projection_kernels"]
 
 
 def decoder_levels(feature_strides: list[int], patch_size: int) -> list[int]:
@@ -50,6 +50,16 @@ def decoder_levels(feature_strides: list[int], patch_size: int) -> list[int]:
             f"must equal the encoder's downsample_ratio"
         )
     return levels
+
+
+def projection_kernels(levels: list[int], channels: list[int], widths: list[int]) -> list[int | None]:
+    """Densify projection kernel per scale, as official SparK: the deepest map gets a 1x1 conv (or the
+    identity when its width already equals the decoder's, paper eq. 1), finer maps a 3x3 conv that also
+    mixes each visible site with the mask embeddings around it."""
+    return [
+        (None if cin == cout else 1) if level == 0 else 3
+        for level, cin, cout in zip(levels, channels, widths, strict=True)
+    ]
 
 
 def no_weight_decay_names(module: nn.Module) -> set[str]:
@@ -95,14 +105,8 @@ class SparK(nn.Module):
         self.feature_strides = strides
         self.levels = decoder_levels(strides, self.patch_size)
         self.decoder = LightDecoder(decoder_width, self.patch_size)
-        # The deepest map gets a 1x1 projection; finer maps a 3x3 one so that the projection
-        # also mixes each visible site with the mask embeddings around it.
-        self.densify = Densify(
-            channels,
-            [self.decoder.level_widths[level] for level in self.levels],
-            encoder.norm_kind,
-            [1 if level == 0 else 3 for level in self.levels],
-        )
+        widths = [self.decoder.level_widths[level] for level in self.levels]
+        self.densify = Densify(channels, widths, encoder.norm_kind, projection_kernels(self.levels, channels, widths))
 
     def sample_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh random mask ``[B, h, w]`` (True = hidden) for ``images``."""

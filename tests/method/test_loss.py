@@ -31,9 +31,11 @@ def test_value_matches_normalized_target_definition():
     images, pred = torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16)
     mask = torch.tensor([[[False, True]]])
     hidden = images[:, :, :, 8:]
-    target = (hidden - hidden.mean()) / (hidden.var(unbiased=False) + 1e-6).sqrt()
+    target = (hidden - hidden.mean()) / (hidden.var() + 1e-6).sqrt()  # unbiased variance, as official SparK
     expected = (pred[:, :, :, 8:] - target).pow(2).mean()
     assert torch.allclose(masked_patch_mse(pred, images, mask, 8), expected, atol=1e-6)
+    biased = (hidden - hidden.mean()) / (hidden.var(unbiased=False) + 1e-6).sqrt()
+    assert not torch.allclose(masked_patch_mse(pred, images, mask, 8), (pred[:, :, :, 8:] - biased).pow(2).mean())
     raw = (pred[:, :, :, 8:] - hidden).pow(2).mean()
     assert torch.allclose(masked_patch_mse(pred, images, mask, 8, norm_pix=False), raw, atol=1e-6)
 
@@ -41,7 +43,7 @@ def test_value_matches_normalized_target_definition():
 def test_perfect_prediction_has_zero_loss():
     images = torch.randn(2, 3, 16, 16)
     patches = patchify(images, 8)
-    std = (patches.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    std = (patches.var(-1, keepdim=True) + 1e-6).sqrt()
     normalized = (patches - patches.mean(-1, keepdim=True)) / std
     mask = torch.ones(2, 2, 2, dtype=torch.bool)
     assert masked_patch_mse(unpatchify(normalized, 8), images, mask, 8).item() < 1e-10

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparkme.method import random_patch_mask
-from sparkme.method.masking import patch_grid, upsample_mask
+from sparkme.method.masking import hidden_patch_count, patch_grid, upsample_mask
 
 
 def test_exact_hidden_count_per_sample_non_square():
@@ -49,3 +49,20 @@ def test_size_not_multiple_of_patch_is_refused():
 def test_upsample_mask_blocks():
     mask = torch.tensor([[[True, False]]])
     assert upsample_mask(mask, 2).tolist() == [[[True, True, False, False], [True, True, False, False]]]
+
+
+def test_hidden_count_is_the_official_complement_of_the_visible_count():
+    """Official SparK keeps round(L * (1 - r)) patches; at a .5 tie that differs from round(L * r)."""
+    assert hidden_patch_count(49, 0.6) == 29
+    assert hidden_patch_count(5, 0.5) == 3  # keeps round(2.5) = 2; round(5 * 0.5) would hide only 2
+    assert random_patch_mask(4, 1, 5, 0.5).flatten(1).sum(dim=1).tolist() == [3] * 4
+
+
+def test_same_generator_gives_the_official_mask():
+    """Official draw: the first round(L * (1 - r)) of an argsort of uniform noise are the visible patches."""
+    batch, grid_h, grid_w, ratio = 6, 7, 7, 0.6
+    noise = torch.rand(batch, grid_h * grid_w, generator=torch.Generator().manual_seed(5))
+    keep = round(grid_h * grid_w * (1 - ratio))
+    active = torch.zeros(batch, grid_h * grid_w, dtype=torch.bool).scatter_(1, noise.argsort(dim=1)[:, :keep], True)
+    mask = random_patch_mask(batch, grid_h, grid_w, ratio, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(mask, ~active.view(batch, grid_h, grid_w))

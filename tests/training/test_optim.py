@@ -17,14 +17,36 @@ def test_effective_lr_scales_with_batch() -> None:
     assert effective_lr(2e-4, 256) == pytest.approx(2e-4)
 
 
-def test_warmup_then_cosine_and_weight_decay_ramp() -> None:
-    schedule = CosineSchedule(peak_lr=1.0, total_steps=100, warmup_steps=10, weight_decay=0.04, weight_decay_end=0.2)
+def _official_lr_wd(peak_lr, wd, wd_end, cur_it, wp_it, max_it):
+    """Official SparK ``lr_wd_annealing`` (pretrain/utils/lr_control.py), re-stated."""
+    wp_it = round(wp_it)
+    if cur_it < wp_it:
+        cur_lr = 0.005 * peak_lr + 0.995 * peak_lr * cur_it / wp_it
+    else:
+        ratio = (cur_it - wp_it) / (max_it - 1 - wp_it)
+        cur_lr = 0.001 * peak_lr + 0.999 * peak_lr * (0.5 + 0.5 * math.cos(math.pi * ratio))
+    ratio = cur_it / (max_it - 1)
+    return cur_lr, wd_end + (wd - wd_end) * (0.5 + 0.5 * math.cos(math.pi * ratio))
+
+
+@pytest.mark.parametrize(("total", "warmup"), [(100, 10), (1600 * 3, 40 * 3), (7, 0)])
+def test_schedule_is_the_official_lr_wd_annealing(total, warmup) -> None:
+    schedule = CosineSchedule(peak_lr=3.2e-3, total_steps=total, warmup_steps=warmup)
+    for step in range(total):
+        lr, wd = _official_lr_wd(3.2e-3, 0.04, 0.2, step, warmup, total)
+        assert schedule.lr(step) == pytest.approx(lr, rel=1e-12, abs=1e-18)
+        assert schedule.wd(step) == pytest.approx(wd, rel=1e-12)
+    assert schedule.lr(total - 1) == pytest.approx(3.2e-6)  # ends at 0.001 x peak
+    if warmup:
+        assert schedule.lr(0) == pytest.approx(1.6e-5) and schedule.lr(warmup) == pytest.approx(3.2e-3)
+
+
+def test_schedule_ends_are_options() -> None:
+    schedule = CosineSchedule(peak_lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.0, warmup_start_ratio=0.0)
     lrs = [schedule.lr(step) for step in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # linear warmup
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1.0) and lrs[99] == pytest.approx(0.0, abs=1e-15)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # linear warmup
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then decreasing
-    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    assert schedule.wd(0) == pytest.approx(0.04) and schedule.wd(99) == pytest.approx(0.2)
     assert schedule.wd(49) < schedule.wd(50)
     with pytest.raises(ValueError, match="warmup_steps"):
         CosineSchedule(peak_lr=1.0, total_steps=5, warmup_steps=6)
