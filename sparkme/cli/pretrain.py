@@ -60,14 +60,15 @@ def _join_torchrun() -> None:
 
 def run(cfg: DictConfig, run_dir: str | Path) -> float | None:
     """Pretrain with a composed config into ``run_dir``; returns the last loss (for sweepers)."""
+    from sparkme.cli.errors import USER_ERRORS, report_error
     from sparkme.training.checkpoint import CheckpointError
     from sparkme.training.trainer import NonFiniteLossError, Trainer
 
     try:
         result = Trainer(cfg, run_dir).fit()
-    except (ValueError, FileNotFoundError, NonFiniteLossError, CheckpointError) as error:
-        log.error("sparkme-pretrain stopped: %s", error)
-        raise SystemExit(1) from error
+    except (*USER_ERRORS, NonFiniteLossError, CheckpointError) as error:
+        report_error("sparkme-pretrain", error, log_files=True)  # one line on stderr and in pretrain.log
+        raise SystemExit(1) from None
     return result.last_loss
 
 

@@ -8,12 +8,15 @@ from typing import Any
 
 from torch import nn
 
+from sparkme.errors import UserError
+
 __all__ = [
     "instantiate_unwrapped",
     "build_dense_model",
     "build_spark",
     "check_model_name",
     "check_image_size",
+    "check_batch_settings",
     "model_name_of",
 ]
 
@@ -85,6 +88,29 @@ def check_image_size(image_size: int, patch_size: int, mask_ratio: float) -> Non
             f"data.image_size={image_size} gives {patches} patches of side {patch_size}, of which mask_ratio "
             f"{mask_ratio} hides {hidden}: at least one must be hidden and one visible; use larger images"
         )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def check_batch_settings(batch_size: Any, accum_steps: Any, world_size: int) -> int:
+    """The per-rank micro-batch of the global ``train.batch_size`` split over ranks and accumulation steps."""
+    batch_size = _positive_int("train.batch_size (the global batch over all ranks and accumulation steps)", batch_size)
+    accum_steps = _positive_int("train.accum_steps", accum_steps)
+    per_step = world_size * accum_steps
+    if batch_size % per_step:
+        lower = batch_size // per_step * per_step
+        hint = f"{lower} or {lower + per_step}" if lower else str(per_step)
+        raise UserError(
+            f"train.batch_size={batch_size} (the global batch) is not a multiple of world size {world_size} "
+            f"x train.accum_steps {accum_steps} = {per_step}; use e.g. train.batch_size={hint}"
+        )
+    return batch_size // per_step
 
 
 def build_spark(model_cfg: Mapping[str, Any], spark_cfg: Mapping[str, Any], backend: str | None = None) -> nn.Module:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sparkme.errors import UserError
+
 __all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "broadcast_object", "barrier"]
 
 
@@ -28,14 +30,24 @@ class DistInfo:
 
 
 def _pick_device(device: str, local_rank: int) -> torch.device:
+    """``train.device`` (auto | cpu | cuda | cuda:N | ...) as a torch device; a clear error when unusable."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
+    try:
+        target = torch.device(device)
+    except RuntimeError as error:
+        raise UserError(f"train.device={device} is not a torch device; use auto, cpu or cuda") from error
+    if target.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={device} but CUDA is not available; use train.device=cpu")
-        if device == "cuda":
+            raise UserError(
+                f"train.device={device} but this machine has no usable CUDA GPU "
+                "(torch.cuda.is_available() is False); use train.device=cpu or train.device=auto"
+            )
+        if target.index is None:
             return torch.device("cuda", local_rank)
-    return torch.device(device)
+        if target.index >= torch.cuda.device_count():
+            raise UserError(f"train.device={device} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return target
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -26,7 +26,13 @@ from torch.utils.data import DataLoader
 
 from sparkme.data.sampling import ResumableSampler, SeededTransformDataset, sample_seed
 from sparkme.data.transforms import denormalize, eval_transform, pretrain_transform
-from sparkme.training.build import build_spark, check_image_size, instantiate_unwrapped, model_name_of
+from sparkme.training.build import (
+    build_spark,
+    check_batch_settings,
+    check_image_size,
+    instantiate_unwrapped,
+    model_name_of,
+)
 from sparkme.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from sparkme.training.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from sparkme.training.metrics import MetricsLogger
@@ -135,15 +141,9 @@ class Trainer:
 
     def _build_loader(self) -> None:
         train = self.cfg.train
+        self.micro_batch = check_batch_settings(train.batch_size, train.get("accum_steps", 1), self.dist.world_size)
         self.global_batch = int(train.batch_size)
         self.accum_steps = int(train.get("accum_steps", 1))
-        per_step = self.dist.world_size * self.accum_steps
-        if self.global_batch < per_step or self.global_batch % per_step:
-            raise ValueError(
-                f"train.batch_size={self.global_batch} (global) must be a multiple of world size "
-                f"{self.dist.world_size} x train.accum_steps {self.accum_steps}"
-            )
-        self.micro_batch = self.global_batch // per_step
         self.sampler = ResumableSampler(
             self.dataset, self.dist.world_size, self.dist.rank, shuffle=True, seed=self.seed
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TINY, compose
+from _helpers import TINY, compose, tiny
+from _standin import StandInSpark
 from omegaconf import OmegaConf
 
 from sparkme.training.build import build_dense_model, check_model_name
@@ -178,3 +180,77 @@ def test_multirun_sweep(tmp_path: Path) -> None:
         torch.load(tmp_path / "sweep" / j / "checkpoints" / "last.pth", weights_only=True)["model"] for j in "01"
     ]
     assert not torch.equal(weights[0]["decoder.weight"], weights[1]["decoder.weight"])
+
+
+def _pretrain_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, *overrides: str) -> tuple[str, str]:
+    """``sparkme.cli.pretrain.run`` on the stand-in model, a log file attached the way Hydra attaches
+    ``pretrain.log``; returns (stderr, log text) after the run stops with exit status 1."""
+    import sparkme.training.trainer as trainer_module
+    from sparkme.cli.pretrain import run
+
+    monkeypatch.setattr(trainer_module, "build_spark", lambda *args, **kwargs: StandInSpark())
+    handler = logging.FileHandler(tmp_path / "pretrain.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run(tiny("logger=none", *overrides), tmp_path / "run")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert exit_info.value.code == 1
+    return capsys.readouterr().err, (tmp_path / "pretrain.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.accum_steps=0", "train.accum_steps must be a whole number >= 1, got 0"),
+        ("train.batch_size=0", "train.batch_size (the global batch over all ranks and accumulation steps) must be "
+         "a whole number >= 1, got 0"),
+        ("train.batch_size=6", "train.batch_size=6 (the global batch) is not a multiple of world size 1 x "
+         "train.accum_steps 4 = 4; use e.g. train.batch_size=4 or 8"),
+        ("train.device=cuda", "train.device=cuda but this machine has no usable CUDA GPU"),
+    ],
+)  # fmt: skip
+def test_bad_train_settings_are_one_line_in_stderr_and_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, override: str, message: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    extra = ["train.accum_steps=4"] if override == "train.batch_size=6" else []
+    err, log_text = _pretrain_error(tmp_path, monkeypatch, capsys, override, *extra)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sparkme-pretrain: error: {message}"), lines
+    assert "Traceback" not in err and lines[0] in log_text
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_folder_of_truncated_jpegs_stops_the_cli_before_training(tmp_path: Path) -> None:
+    """The real command line: one line on stderr, the same line in pretrain.log, no traceback, no checkpoint."""
+    from test_data import _write_undecodable_folder
+
+    _write_undecodable_folder(tmp_path / "images")
+    run_dir = tmp_path / "run"
+    args = [
+        "data=imagefolder",
+        f"data.root={tmp_path / 'images'}",
+        "data.num_workers=0",
+        "data.image_size=32",
+        "train.batch_size=4",
+        "train.device=cpu",
+        "logger.progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(HERE / "_launch_cli.py"), *args],
+        cwd=tmp_path,
+        env=_env(standin=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparkme-pretrain: error: none of the 3 image files under"), lines
+    assert "can be decoded (truncated or corrupt" in lines[0] and "Traceback" not in done.stdout + done.stderr
+    assert lines[0] in (run_dir / "pretrain.log").read_text()
+    assert not (run_dir / "checkpoints").exists()
