@@ -16,11 +16,14 @@ __all__ = ["read_encoder", "save_export"]
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, RuntimeError) as error:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable safetensors file, truncated or damaged ({error})") from error
     return weights, metadata.get("model_name") or None
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from sparkme.cli.errors import UserError, user_errors
 from sparkme.converters import FORMATS, convert, read_encoder, save_export
+
+# Suffixes a consumer reads as the export's file type (timm and detectron2 pick their loader by suffix).
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,17 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(out: Path, format: str, suffix: str, model_name: str) -> None:
+    """``--out`` must name a file (not a folder) whose suffix tells the consumer the export's file type."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {out / model_name}_spark{suffix}")
+    accepted = _TORCH_SUFFIXES if suffix in _TORCH_SUFFIXES else (suffix,)
+    if out.suffix not in accepted:
+        raise UserError(
+            f"--format {format} writes a {suffix} file but --out {out} ends in {out.suffix or 'no suffix'}; "
+            f"use --out {out.with_suffix(suffix)}"
+        )
+
+
+@user_errors("sparkme-export")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        state_dict, recorded_name = read_encoder(args.checkpoint)
-        model_name = args.model_name or recorded_name
-        if model_name is None:
-            raise ValueError(f"{args.checkpoint} does not record its timm model name: pass --model-name")
-        export = convert(state_dict, model_name, args.format)
-    except (OSError, ValueError) as error:
-        print(f"sparkme-export: error: {error}", file=sys.stderr)
-        return 2
+    state_dict, recorded_name = read_encoder(args.checkpoint)
+    model_name = args.model_name or recorded_name
+    if model_name is None:
+        raise UserError(f"{args.checkpoint} does not record its timm model name: pass --model-name")
+    export = convert(state_dict, model_name, args.format)
+    _check_out(Path(args.out), args.format, export.suffix, model_name)
     path = save_export(export, args.out)
     print(re.sub(r"PATH\.[a-z]+", str(path), export.report()))  # the notes name the file just written
     print(f"wrote {path}")

@@ -87,3 +87,46 @@ def test_bad_inputs_are_clear_errors(checkpoint, tmp_path, capsys):
     assert "no mmdet mapping" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "o.onnx")])
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparkme-export: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_truncated_safetensors_is_a_one_line_error(checkpoint, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    encoder, _ = read_encoder(checkpoint)
+    full = tmp_path / "full.safetensors"
+    save_file(encoder, str(full), metadata={"model_name": "resnet18", "format": "timm"})
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    assert main([str(cut), "--format", "timm", "--out", str(tmp_path / "o.pth")]) == 2
+    assert f"{cut} is not a readable safetensors file, truncated or damaged" in _one_error_line(capsys)
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_out_must_name_a_file_with_the_formats_suffix(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main([str(checkpoint), "--format", "timm", "--out", str(folder)]) == 2
+    line = _one_error_line(capsys)
+    assert f"--out {folder} is a folder; name the file to write, e.g. --out {folder / 'resnet18'}_spark.pth" in line
+    cases = [
+        ("safetensors", "x.pth", ".safetensors"),
+        ("detectron2", "x.pth", ".pkl"),
+        ("timm", "x.safetensors", ".pth"),
+    ]
+    for format, name, suffix in cases:
+        out = tmp_path / name
+        assert main([str(checkpoint), "--format", format, "--out", str(out)]) == 2
+        line = _one_error_line(capsys)
+        assert f"--format {format} writes a {suffix} file but --out {out} ends in {out.suffix}" in line
+        assert line.endswith(f"use --out {out.with_suffix(suffix)}")
+    assert main([str(checkpoint), "--format", "timm", "--out", str(tmp_path / "noext")]) == 2
+    assert "ends in no suffix" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "last.pth"]  # nothing written
+    assert main([str(checkpoint), "--format", "timm", "--out", str(tmp_path / "x.pt")]) == 0  # any torch suffix
