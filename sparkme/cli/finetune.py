@@ -10,9 +10,9 @@ sparkme-finetune --weights r50.safetensors --data /data/flowers --mode finetune 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
+from sparkme.cli.errors import user_errors
 from sparkme.finetune import FinetuneConfig, run_finetune
 
 
@@ -69,14 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors("sparkme-finetune", also=(FloatingPointError,))  # a diverging run says "lower --lr"
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     out = args.pop("out")
-    try:
-        results = run_finetune(FinetuneConfig(**args), out=out)
-    except (OSError, ValueError) as error:
-        print(f"sparkme-finetune: error: {error}", file=sys.stderr)
-        return 2
+    results = run_finetune(FinetuneConfig(**args), out=out)
     source = args["weights"] or "random init"
     for run in results["runs"]:
         print(f"seed {run['seed']}: top-1 {run['top1']:.2f}%  ({run['seconds']} s)")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from sparkme.cli.errors import user_errors
 from sparkme.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sparkme.method.masking import upsample_mask
 
@@ -20,25 +21,16 @@ ROWS = (("input", "input"), ("masked", "masked"), ("reconstruction", "reconstruc
 
 
 def load_images(paths: Sequence[str | Path], image_size: int) -> torch.Tensor:
-    """Read RGB images, resize the short side to ``image_size``, centre-crop and normalize: ``[N, 3, S, S]``.
+    """Read images, resize the short side to ``image_size``, centre-crop and normalize: ``[N, 3, S, S]``.
 
-    Uses the pretraining pipeline's ``eval_transform`` (ImageNet mean/std), so pixels match training.
+    Reads with the pretraining loader (``read_image``: EXIF orientation, 16-bit, alpha on white)
+    and its ``eval_transform`` (ImageNet mean/std), so pixels match training.
     """
-    from PIL import Image, UnidentifiedImageError
-
+    from sparkme.data.folder import read_image
     from sparkme.data.transforms import eval_transform
 
     transform = eval_transform(image_size)
-    tensors = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                tensors.append(transform(image.convert("RGB")))
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"image {path} does not exist") from error
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot read image {path}: {error}; give PNG/JPEG (any format Pillow opens)") from error
-    return torch.stack(tensors)
+    return torch.stack([transform(read_image(path)) for path in paths])
 
 
 def _to_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -109,23 +101,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors("sparkme-visualize", also=(RuntimeError,))  # damaged checkpoints raise RuntimeError
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     if not Path(args.checkpoint).is_file():
-        parser.error(f"checkpoint {args.checkpoint} does not exist (pass a .pth written by sparkme-pretrain)")
-    try:
-        images = load_images(args.images, args.image_size)
-        from sparkme.training.checkpoint import load_spark
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist (give a .pth of sparkme-pretrain)")
+    images = load_images(args.images, args.image_size)
+    from sparkme.training.checkpoint import load_spark
 
-        model = load_spark(args.checkpoint, map_location="cpu").eval()
-        if args.mask_ratio is not None:
-            from sparkme.method.masking import check_mask_ratio
+    model = load_spark(args.checkpoint, map_location="cpu").eval()
+    if args.mask_ratio is not None:
+        from sparkme.method.masking import check_mask_ratio
 
-            model.mask_ratio = check_mask_ratio(args.mask_ratio)
-        result = model.reconstruct(images, generator=torch.Generator().manual_seed(args.seed))
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        parser.error(str(error))
+        model.mask_ratio = check_mask_ratio(args.mask_ratio)
+    result = model.reconstruct(images, generator=torch.Generator().manual_seed(args.seed))
     out = save_reconstruction_grid(result, args.out, titles=[Path(p).name for p in args.images])
     print(f"wrote {out} ({len(args.images)} images, mask ratio {model.mask_ratio}, seed {args.seed})")
     return 0

@@ -82,9 +82,10 @@ def test_folder_splits(tmp_path):
     again = folder_splits(tmp_path / "flat", 0.2, 0, None, None)
     assert again.val.indices == splits.val.indices  # fixed held-out split across runs
     for split in ("train", "val"):
-        (tmp_path / "split" / split / "a").mkdir(parents=True)
-        Image.new("RGB", (8, 8)).save(tmp_path / "split" / split / "a" / "x.png")
-    assert len(folder_splits(tmp_path / "split", 0.2, 0, None, None).val) == 1
+        for name in ("a", "b"):
+            (tmp_path / "split" / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "split" / split / name / "x.png")
+    assert len(folder_splits(tmp_path / "split", 0.2, 0, None, None).val) == 2
     with pytest.raises(FileNotFoundError):
         folder_splits(tmp_path / "missing", 0.2, 0, None, None)
 
@@ -188,3 +189,36 @@ def test_compare_probes_matches_the_cli_runs(resnet18, tmp_path):
         cfg = FinetuneConfig(weights=weights, model="resnet18", features=features, bn_recalibrate=recalibrate, **sizes)
         expected = round(run_finetune(cfg)["runs"][0]["top1"], 2)
         assert rows["pretrained" if weights else "random", features, recalibrate] == [expected]
+
+
+def test_single_class_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    for index in range(4):
+        Image.new("RGB", (8, 8), (index, 0, 0)).save(tmp_path / "data" / "cats" / f"{index}.png")
+    assert main(["--model", "resnet18", "--data", str(tmp_path / "data"), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "sparkme-finetune: error: classification needs at least two classes, found 1 (cats); "
+        "give --data a folder with one subfolder of images per class"
+    ]
+
+
+def test_folder_images_go_through_the_pretraining_loader(tmp_path):
+    import numpy as np
+
+    from sparkme.data.folder import load_rgb
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "a" / "grey16.png")  # 32896/65535 = 128/255
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "a" / "clear.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    Image.new("RGB", (12, 6), (0, 200, 0)).save(tmp_path / "b" / "rotated.jpg", exif=exif)
+    view = folder_splits(tmp_path, 0.5, 0, None, None).train.dataset
+    read = {path.split("/")[-1]: view[index][0] for index, (path, _) in enumerate(view.samples)}
+    for index, (path, _) in enumerate(view.samples):
+        assert np.array_equal(np.asarray(view[index][0]), np.asarray(load_rgb(path)))
+    assert np.asarray(read["grey16.png"])[0, 0].tolist() == [128, 128, 128]  # not clipped to white
+    assert np.asarray(read["clear.png"])[0, 0].tolist() == [255, 255, 255]  # alpha on white, as in pretraining
+    assert read["rotated.jpg"].size == (6, 12)  # EXIF orientation applied

@@ -26,21 +26,49 @@ def test_load_images_resizes_crops_and_normalizes(tmp_path):
     assert torch.allclose(images[0, :, 0, 0], red, atol=1e-4)
 
 
+def test_images_are_read_with_the_pretraining_loader(tmp_path):
+    """16-bit, transparent and EXIF-rotated images come out as the training loader reads them."""
+    import numpy as np
+
+    from sparkme.data.folder import load_rgb
+    from sparkme.data.transforms import denormalize, eval_transform
+
+    Image.fromarray(np.full((40, 40), 32896, np.uint16)).save(tmp_path / "grey16.png")  # 32896/65535 = 128/255
+    Image.new("RGBA", (40, 40), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    sideways = Image.new("RGB", (64, 32), (255, 0, 0))
+    sideways.paste((0, 0, 255), (32, 0, 64, 32))  # left red, right blue; shown rotated: top red, bottom blue
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    paths = [tmp_path / name for name in ("grey16.png", "clear.png", "rotated.jpg")]
+    images = load_images(paths, 32)
+    expected = torch.stack([eval_transform(32)(load_rgb(path)) for path in paths])
+    assert torch.equal(images, expected)
+    pixels = denormalize(images)
+    assert torch.allclose(pixels[0], torch.full_like(pixels[0], 128 / 255), atol=1 / 255)  # not clipped to white
+    assert torch.allclose(pixels[1], torch.ones_like(pixels[1]), atol=1 / 255)  # alpha on white
+    top, bottom = pixels[2][:, 4, 16], pixels[2][:, 28, 16]
+    assert top[0] > 0.8 > top[2] and bottom[2] > 0.8 > bottom[0]  # EXIF orientation applied
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparkme-visualize: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "none.pth"), "x.png", "--out", str(tmp_path / "g.png")])
-    assert exit_info.value.code == 2
-    assert "none.pth does not exist" in capsys.readouterr().err
+    assert main([str(tmp_path / "none.pth"), "x.png", "--out", str(tmp_path / "g.png")]) == 2
+    assert "none.pth does not exist" in _one_error_line(capsys)
 
 
 def test_unreadable_image_is_a_clear_error(tmp_path, capsys):
     checkpoint = tmp_path / "model.pth"
     checkpoint.write_bytes(b"not read before the images")
     (tmp_path / "broken.jpg").write_text("this is not a JPEG")
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(checkpoint), str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "g.png")])
-    assert exit_info.value.code == 2
-    assert "cannot read image" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
+    assert main([str(checkpoint), str(tmp_path / "broken.jpg"), "--out", str(tmp_path / "g.png")]) == 2
+    assert "cannot read image" in _one_error_line(capsys) and not (tmp_path / "g.png").exists()
 
 
 def test_cli_writes_grid_from_a_real_checkpoint(tmp_path, capsys):
