@@ -1,5 +1,8 @@
 """Weight converters: a SparK encoder's dense weights -> the formats downstream tools load.
 
+``spark`` writes the official SparK "with decoder" checkpoint (``spark_format``; it also reads
+official checkpoints back for ``sparkme-pretrain init_from=PATH``).
+
 Installed as ``sparkme.converters``. One pure function per format, each taking a dense
 state dict with timm keys and the timm model name and returning an ``Export`` (weights,
 payload to write, dropped/unmapped keys, notes for the consumer)::
@@ -17,8 +20,9 @@ from typing import Any
 
 from .base import Export, UnsupportedArchitectureError
 from .detectron2_format import to_detectron2
-from .io import read_encoder, save_export
+from .io import read_encoder, read_spark_source, save_export
 from .mmdet_format import to_mmdet
+from .spark_format import to_spark
 from .timm_format import to_safetensors, to_timm
 from .torchvision_format import to_torchvision
 
@@ -28,6 +32,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "convert",
     "read_encoder",
+    "read_spark_source",
     "save_export",
 ]
 
@@ -37,6 +42,7 @@ FORMATS: dict[str, Callable[..., Export]] = {
     "torchvision": to_torchvision,
     "detectron2": to_detectron2,
     "mmdet": to_mmdet,
+    "spark": to_spark,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,7 +13,7 @@ from sparkme.training.checkpoint import atomic_write_bytes
 
 from .base import Export
 
-__all__ = ["read_encoder", "save_export"]
+__all__ = ["read_encoder", "read_spark_source", "save_export"]
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -54,6 +55,39 @@ def read_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]
     if obj and all(isinstance(value, torch.Tensor) for value in obj.values()):
         return obj, None
     raise ValueError(f"{path} is neither a sparkme checkpoint (keys 'encoder', 'model_name') nor a state dict")
+
+
+def read_spark_source(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None, dict[str, Any]]:
+    """What ``--format spark`` exports: the whole SparK state dict of a sparkme checkpoint, else the encoder.
+
+    Returns the state dict, the recorded model name and the options of ``to_spark`` the checkpoint
+    records (``image_size``, ``mask_ratio``, ``sync_bn``, ``epoch``).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors" and path.is_file():
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not a torch file: read_encoder below says why, in its own words
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "encoder" in obj:
+            return dict(obj["model"]), obj.get("model_name"), _recorded_options(obj)
+    state_dict, model_name = read_encoder(path)
+    return state_dict, model_name, {}
+
+
+def _recorded_options(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create(checkpoint.get("config") or {})
+    options: dict[str, Any] = {"epoch": checkpoint.get("epoch")}
+    spark_cfg = checkpoint.get("spark_cfg") or {}
+    if "mask_ratio" in spark_cfg:
+        options["mask_ratio"] = float(spark_cfg["mask_ratio"])
+    if OmegaConf.select(config, "data.image_size") is not None:
+        options["image_size"] = int(OmegaConf.select(config, "data.image_size"))
+    if OmegaConf.select(config, "train.sync_bn") is not None:
+        options["sync_bn"] = bool(OmegaConf.select(config, "train.sync_bn"))
+    return options
 
 
 def save_export(export: Export, path: str | Path) -> Path:

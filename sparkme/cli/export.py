@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sparkme.cli.errors import UserError, user_errors
-from sparkme.converters import FORMATS, convert, read_encoder, save_export
+from sparkme.converters import FORMATS, convert, read_encoder, read_spark_source, save_export
 
 # Suffixes a consumer reads as the export's file type (timm and detectron2 pick their loader by suffix).
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -47,11 +47,14 @@ def _check_out(out: Path, format: str, suffix: str, model_name: str) -> None:
 @user_errors("sparkme-export")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    state_dict, recorded_name = read_encoder(args.checkpoint)
+    if args.format == "spark":  # the whole SparK model (decoder, densify, mask tokens) when recorded
+        state_dict, recorded_name, options = read_spark_source(args.checkpoint)
+    else:
+        (state_dict, recorded_name), options = read_encoder(args.checkpoint), {}
     model_name = args.model_name or recorded_name
     if model_name is None:
         raise UserError(f"{args.checkpoint} does not record its timm model name: pass --model-name")
-    export = convert(state_dict, model_name, args.format)
+    export = convert(state_dict, model_name, args.format, **options)
     _check_out(Path(args.out), args.format, export.suffix, model_name)
     path = save_export(export, args.out)
     print(re.sub(r"PATH\.[a-z]+", str(path), export.report()))  # the notes name the file just written
