@@ -62,8 +62,11 @@ def test_timm_encoders_wire_into_the_decoder(name, channels, strides, norm_kind)
     assert (encoder.feature_channels, encoder.feature_strides, encoder.norm_kind) == (channels, strides, norm_kind)
     model = SparK(encoder, decoder_width=768)
     assert model.decoder.level_widths == [768, 384, 192, 96, 48, 24]
-    assert [p.in_channels for p in model.densify.projections] == channels
-    assert [p.out_channels for p in model.densify.projections] == [96, 192, 384, 768]
+    projections = list(model.densify.projections)
+    if channels[-1] == 768:  # deepest width equals the decoder's: identity, as official SparK (ConvNeXt-T/S)
+        assert isinstance(projections.pop(), torch.nn.Identity)
+    assert [p.in_channels for p in projections] == channels[: len(projections)]
+    assert [p.out_channels for p in projections] == [96, 192, 384, 768][: len(projections)]
     loss, pred, mask = model(torch.randn(1, 3, 64, 96), generator=torch.Generator().manual_seed(0))
     assert pred.shape == (1, 3, 64, 96) and mask.shape == (1, 2, 3) and int(mask.sum()) == 4
     assert torch.isfinite(loss)
