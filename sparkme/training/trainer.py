@@ -102,6 +102,10 @@ class Trainer:
             if model_factory is not None
             else build_spark(_plain(cfg.model), _plain(cfg.spark), backend=cfg.engine.get("backend"))
         )
+        if cfg.get("init_from"):  # released weights, model only; a resume below replaces them
+            from sparkme.training.init_weights import init_from
+
+            init_from(self.model, str(cfg.init_from))
         self.patch_size = int(self.model.encoder.downsample_ratio)
         self.image_size = int(cfg.data.image_size)
         check_image_size(self.image_size, self.patch_size, float(cfg.spark.get("mask_ratio", 0.6)))
@@ -176,7 +180,8 @@ class Trainer:
             peak_lr=self.peak_lr,
             total_steps=total,
             warmup_steps=warmup,
-            min_lr_ratio=float(schedule.get("min_lr_ratio", 0.0)),
+            min_lr_ratio=float(schedule.get("min_lr_ratio", CosineSchedule.min_lr_ratio)),
+            warmup_start_ratio=float(schedule.get("warmup_start_ratio", CosineSchedule.warmup_start_ratio)),
             weight_decay=float(optim.weight_decay),
             weight_decay_end=float(optim.weight_decay_end),
         )

@@ -171,3 +171,20 @@ def test_export_cli_writes_the_spark_format(tmp_path):
     init_from(again, tmp_path / "spark.pth")
     mine, theirs = model.state_dict(), again.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_pretrain_config_init_from_loads_before_training(tmp_path):
+    """``sparkme-pretrain init_from=PATH``: the Trainer's model starts from the file's weights."""
+    from hydra import compose, initialize_config_module
+
+    from sparkme.training.trainer import Trainer
+
+    official = official_resnet18_checkpoint(seed=3)
+    torch.save(official, tmp_path / "spark.pth")
+    overrides = ["data.image_size=64", "data.dataset.length=8", "train.batch_size=4", "train.device=cpu"]
+    overrides += [f"spark.decoder_width={WIDTH}", f"init_from={tmp_path / 'spark.pth'}", "logger=none"]
+    with initialize_config_module(config_module="sparkme.conf", version_base="1.3"):
+        cfg = compose(config_name="pretrain", overrides=overrides)
+    model = Trainer(cfg, tmp_path / "run").model
+    assert torch.equal(model.densify.mask_tokens[3], official["module"]["mask_tokens.0"].flatten())
+    assert torch.equal(model.encoder.model.conv1.weight, official["module"]["sparse_encoder.sp_cnn.conv1.weight"])
