@@ -92,7 +92,7 @@ def test_unknown_format_and_architecture(resnet18):
         convert(resnet18.state_dict(), "resnet18", "onnx")
     with pytest.raises(UnsupportedArchitectureError, match="not a timm model"):
         convert(resnet18.state_dict(), "my_custom_net", "timm")
-    assert set(FORMATS) == {"timm", "safetensors", "torchvision", "detectron2", "mmdet"}
+    assert set(FORMATS) == {"timm", "safetensors", "torchvision", "detectron2", "mmdet", "spark"}
 
 
 def test_pretrained_tag_in_name_is_accepted(resnet18):
