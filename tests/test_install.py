@@ -39,10 +39,13 @@ def test_sparkme_and_minkowski_import_in_the_installed_environment():
     import sparkme.conf
     import sparkme.converters
 
-    assert (Path(sparkme.conf.__file__).parent / "config.yaml").exists() or list(
-        Path(sparkme.conf.__file__).parent.glob("*.yaml")
-    )
     assert sparkme.converters.__name__ == "sparkme.converters"
+    # the configs ship with the package: the CLI's primary config composes from the installed module
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="sparkme.conf", version_base=None):
+        cfg = compose(config_name="pretrain", overrides=["experiment=spark_resnet50"])
+    assert cfg.model.model_name == "resnet50"
 
 
 def test_installed_build_is_stamped_with_the_current_key():

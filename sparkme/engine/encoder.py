@@ -16,9 +16,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from . import layers  # noqa: F401  (registers the sparse implementations)
-from .backends import get_backend, supports_autocast
+from .backends import DEFAULT_BACKEND, get_backend, supports_autocast
 from .check import check_modules
 from .hierarchy import Stage, encoder_forward, find_stages
 from .layers.sync_bn import adopt_sync_batchnorms
@@ -28,23 +29,61 @@ from .sparse_map import SparseContext, SparseMap
 __all__ = ["SparseEncoder", "sparsify"]
 
 
-class _StopEncoding(Exception):
-    """Raised by the last stage's hook: the rest of the model (the head) must not run."""
+class _StopEncoding(BaseException):
+    """Raised by the last stage's hook: the rest of the model (the head) must not run. A
+    ``BaseException`` so that a model's own ``except Exception`` cannot swallow it."""
 
 
-def _enter_module(module: nn.Module, args: tuple) -> None:
-    for arg in args:
-        if isinstance(arg, SparseMap):
-            arg.ctx.module_stack.append(getattr(module, "_sparkme_label", type(module).__name__))
-            return
+@contextlib.contextmanager
+def _naming_modules(model: nn.Module, ctx: SparseContext):
+    """During one forward: keep ``ctx.module_stack`` on the running module's path and type, so an
+    error can name it. Module-global hooks live only as long as this context."""
+    labels = {id(module): f"{name or '<root>'} ({type(module).__name__})" for name, module in model.named_modules()}
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        label = labels.get(id(module))
+        if label is not None:
+            ctx.module_stack.append(label)
+
+    def leave(module: nn.Module, args: tuple, output) -> None:
+        if id(module) in labels and ctx.module_stack:
+            ctx.module_stack.pop()
+
+    handles = [
+        module_hooks.register_module_forward_pre_hook(enter),
+        module_hooks.register_module_forward_hook(leave, always_call=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def _exit_module(module: nn.Module, args: tuple, output) -> None:
-    for arg in args:
-        if isinstance(arg, SparseMap):
-            if arg.ctx.module_stack:
-                arg.ctx.module_stack.pop()
-            return
+@contextlib.contextmanager
+def _collecting(model: nn.Module, stages: Sequence[Stage], outputs: dict[int, SparseMap]):
+    """During one forward: store each stage's output in ``outputs``; stop after the last stage."""
+
+    def collect(index: int, stage: Stage, output) -> None:
+        if not isinstance(output, SparseMap):
+            raise RuntimeError(f"stage {stage.name} returned {type(output).__name__}, not a sparse map")
+        outputs[index] = output.with_features(output.features)  # later in-place ops must not reach it
+        if len(outputs) == len(stages):
+            raise _StopEncoding
+
+    handles = [
+        model.get_submodule(stage.name).register_forward_hook(
+            lambda _module, _args, output, index=index, stage=stage: collect(index, stage, output)
+        )
+        for index, stage in enumerate(stages)
+    ]
+    try:
+        yield
+    except _StopEncoding:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class SparseEncoder(nn.Module):
@@ -61,7 +100,7 @@ class SparseEncoder(nn.Module):
         self,
         model: nn.Module,
         stages: Sequence[Stage],
-        backend: str = "minkowski",
+        backend: str = DEFAULT_BACKEND,
         model_name: str | None = None,
         norm_kind: str = "bn",
     ):
@@ -74,13 +113,10 @@ class SparseEncoder(nn.Module):
         self.model_name = model_name
         self.norm_kind = norm_kind
         self.set_backend(backend)
-        for name, module in model.named_modules():
-            module._sparkme_label = f"{name or '<root>'} ({type(module).__name__})"
-            module.register_forward_pre_hook(_enter_module)
-            module.register_forward_hook(_exit_module, always_call=True)
 
     def set_backend(self, name: str) -> None:
-        """Switch the sparse convolution backend ("minkowski": stock ME; "gather": sparkme's fast path)."""
+        """Switch the sparse convolution backend ("gather": sparkme's fast path, the default;
+        "minkowski": MinkowskiEngine's stock kernels)."""
         get_backend(name)
         self.backend = name
 
@@ -90,9 +126,27 @@ class SparseEncoder(nn.Module):
             f"backend={self.backend!r}"
         )
 
-    # ---- forward ---------------------------------------------------------------------------
+    # ---- forward (eager only: torch.compile runs it as a graph break) ------------------------
+    @torch.compiler.disable
     def forward_maps(self, images: torch.Tensor, visible: torch.Tensor) -> list[SparseMap]:
         """The stage outputs as :class:`SparseMap` (features, sites, stride)."""
+        first = self._input_map(images, visible)
+        # the gather backend computes in the caller's autocast dtype; stock ME kernels need fp32
+        precision = (
+            contextlib.nullcontext()
+            if supports_autocast(self.backend)
+            else torch.autocast(images.device.type, enabled=False)
+        )
+        outputs: dict[int, SparseMap] = {}
+        with _collecting(self.model, self.stages, outputs), _naming_modules(self.model, first.ctx), precision:
+            encoder_forward(self.model)(first)
+        missing = [s.name for i, s in enumerate(self.stages) if i not in outputs]
+        if missing:
+            raise RuntimeError(f"stages {missing} never ran in {type(self.model).__name__}'s forward")
+        return [outputs[i] for i in range(len(self.stages))]
+
+    def _input_map(self, images: torch.Tensor, visible: torch.Tensor) -> SparseMap:
+        """The visible pixels of ``images`` as the first sparse map (coordinates from the mask)."""
         import MinkowskiEngine as ME
 
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
@@ -116,41 +170,14 @@ class SparseEncoder(nn.Module):
         rows = coords.long().index_select(0, unique.long().to(coords.device))
         features = images.permute(0, 2, 3, 1)[rows[:, 0], rows[:, 1], rows[:, 2]]
         ctx = SparseContext(manager, batch, (height, width), get_backend(self.backend), images.device)
-        outputs: dict[int, SparseMap] = {}
-        handles = []
-        for index, stage in enumerate(self.stages):
+        return SparseMap(features, key, (1, 1), ctx)
 
-            def collect(module, args, output, index=index, stage=stage):
-                if not isinstance(output, SparseMap):
-                    raise RuntimeError(f"stage {stage.name} returned {type(output).__name__}, not a sparse map")
-                outputs[index] = output.with_features(output.features)  # later in-place ops must not reach it
-                if len(outputs) == len(self.stages):
-                    raise _StopEncoding
-
-            handles.append(self.model.get_submodule(stage.name).register_forward_hook(collect))
-        # the gather backend computes in the caller's autocast dtype; stock ME kernels need fp32
-        precision = (
-            contextlib.nullcontext()
-            if supports_autocast(self.backend)
-            else torch.autocast(images.device.type, enabled=False)
-        )
-        try:
-            with precision:
-                encoder_forward(self.model)(SparseMap(features, key, (1, 1), ctx))
-        except _StopEncoding:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        missing = [s.name for i, s in enumerate(self.stages) if i not in outputs]
-        if missing:
-            raise RuntimeError(f"stages {missing} never ran in {type(self.model).__name__}'s forward")
-        return [outputs[i] for i in range(len(self.stages))]
-
+    @torch.compiler.disable
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
         """Hierarchical features as dense ``[B, C_i, H_i, W_i]`` tensors, zeros at hidden sites."""
         return [m.dense() for m in self.forward_maps(images, visible)]
 
+    @torch.compiler.disable
     def forward_sparse(self, images: torch.Tensor, visible: torch.Tensor) -> list:
         """Hierarchical features as MinkowskiEngine ``SparseTensor``s (one coordinate manager)."""
         return [m.sparse_tensor() for m in self.forward_maps(images, visible)]
@@ -186,7 +213,16 @@ def _scope(model: nn.Module, stages: Sequence[Stage], fired: Sequence[str]) -> l
     return named[: end + 1]
 
 
-def sparsify(cnn: nn.Module, stages: Sequence[str] | None = None, backend: str = "minkowski") -> SparseEncoder:
+def _freeze_unrun(model: nn.Module, scope: Sequence[tuple[str, nn.Module]]) -> None:
+    """Parameters only modules outside ``scope`` use (a classifier head) can get no gradient: freeze them,
+    so optimizers skip them and DDP needs no unused-parameter search. Their values stay in the state dict."""
+    used = {id(p) for _, module in scope for p in module.parameters(recurse=False)}
+    for param in model.parameters():
+        if id(param) not in used:
+            param.requires_grad_(False)
+
+
+def sparsify(cnn: nn.Module, stages: Sequence[str] | None = None, backend: str = DEFAULT_BACKEND) -> SparseEncoder:
     """Turn a dense CNN into a :class:`SparseEncoder` that computes only at visible sites.
 
     ``cnn`` is a timm model (``features_only`` or not) or any ``nn.Module``; it is deep-copied
@@ -202,5 +238,6 @@ def sparsify(cnn: nn.Module, stages: Sequence[str] | None = None, backend: str =
     found, fired = find_stages(model, stages)
     scope = _scope(model, found, fired)
     check_modules(scope)
+    _freeze_unrun(model, scope)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m in scope)
     return SparseEncoder(model, found, backend, _model_name(model), "bn" if has_bn else "ln")

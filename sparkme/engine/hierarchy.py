@@ -54,33 +54,64 @@ def _feature_info(model: nn.Module) -> list[dict] | None:
     return dicts
 
 
-class _ProbeDone(Exception):
-    """Raised once every requested stage has run: the probe needs nothing after them."""
+class _ProbeDone(BaseException):
+    """Raised once every requested stage has run: the probe needs nothing after them. A
+    ``BaseException`` so that a model's own ``except Exception`` cannot swallow it."""
+
+
+def _is_map(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 4
 
 
 def _probe(model: nn.Module, names: Sequence[str] | None) -> list[tuple[int, str, tuple[int, ...] | None]]:
     """Dense forward of a blank image; records ``(order, name, shape)`` of every module call in order
     of completion (``shape`` None when the output is not a 4-d tensor).
 
-    With ``names`` the probe stops once they have all run. A failure after some modules have run
-    (typically a classifier head built for another input size) ends the probe quietly.
+    With ``names`` the probe stops once they have all run. One failure is expected and ends the
+    probe: a head module fed flat features (a classifier built for another input size) raising a
+    ``RuntimeError``. Any other failure is reported.
     """
     records: list[tuple[int, str, tuple[int, ...] | None]] = []
+    running: list[tuple[str, bool]] = []  # (name, fed a 4-d map) of the modules entered, not yet left
     pending = set(names) if names is not None else None
     handles = []
     for name, module in model.named_modules():
         if not name:
             continue
 
-        def hook(_module, _inputs, output, name=name):
-            is_map = isinstance(output, torch.Tensor) and output.dim() == 4
-            records.append((len(records), name, tuple(output.shape) if is_map else None))
-            if pending is not None and is_map:
+        def enter(_module, inputs, name=name):
+            running.append((name, any(_is_map(i) for i in inputs)))
+
+        def leave(_module, _inputs, output, name=name):
+            running.pop()
+            records.append((len(records), name, tuple(output.shape) if _is_map(output) else None))
+            if pending is not None and _is_map(output):
                 pending.discard(name)
                 if not pending:
                     raise _ProbeDone
 
-        handles.append(module.register_forward_hook(hook))
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        _dense_forward(model)
+    except _ProbeDone:
+        pass
+    except Exception as err:
+        failing = running[-1] if running else None
+        in_head = failing is not None and not failing[1] and isinstance(err, RuntimeError)
+        if not (records and in_head):
+            where = f" in module {failing[0]!r}" if failing else ""
+            raise ValueError(
+                f"a dense probe forward of {type(model).__name__} on a 1x3x{PROBE_SIZE}x{PROBE_SIZE} image failed"
+                f"{where} ({type(err).__name__}: {err}); pass stages=[module names]"
+            ) from err
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
+
+
+def _dense_forward(model: nn.Module) -> None:
+    """One eval-mode, no-grad forward of a blank ``PROBE_SIZE`` image; training flags restored."""
     parameter = next(model.parameters(), None)
     dtype = parameter.dtype if parameter is not None else torch.float32
     device = parameter.device if parameter is not None else "cpu"
@@ -89,20 +120,9 @@ def _probe(model: nn.Module, names: Sequence[str] | None) -> list[tuple[int, str
     try:
         with torch.no_grad():
             encoder_forward(model)(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, dtype=dtype, device=device))
-    except _ProbeDone:
-        pass
-    except Exception as err:
-        if not records:
-            raise ValueError(
-                f"a dense probe forward of {type(model).__name__} on a 1x3x{PROBE_SIZE}x{PROBE_SIZE} image failed "
-                f"({err}); pass stages=[module names]"
-            ) from err
     finally:
-        for handle in handles:
-            handle.remove()
         for module, training in modes.items():
             module.train(training)
-    return records
 
 
 def find_stages(model: nn.Module, stages: Sequence[str] | None = None) -> tuple[list[Stage], list[str]]:

@@ -2,27 +2,32 @@
 
 A ``SparseMap`` holds the features of the active sites (``[N, C]``) and the MinkowskiEngine
 coordinate map they live on. It answers the tensor protocol the model code uses between
-modules (``shape``, ``permute``, ``+``, ``*``, ``mean``, activations...), and torch's
-``__torch_function__`` sends ``F.conv2d``, ``F.batch_norm``, ``F.layer_norm``, pooling and the
-rest to sparse implementations registered with :func:`implements`. Whatever has no sparse
-implementation raises :class:`UnsupportedLayerError` naming the op and the module: the engine
-is never silently wrong.
+modules (``shape``, ``permute``, ``+``, ``*``, ``mean``, activations, channel slices...), and
+torch's ``__torch_function__`` sends ``F.conv2d``, ``F.batch_norm``, pooling and the rest to the
+sparse implementations registered with :func:`implements` (``engine/layers/``). Every tensor
+method of a map is defined here and dispatches like torch would dispatch ``torch.Tensor.<name>``.
+Whatever has no sparse implementation raises :class:`UnsupportedLayerError` naming the op and the
+module: the engine is never silently wrong.
+
+Views behave like dense views: a ``permute`` or a channel slice shares its source's features, so
+an in-place op on either is seen by both (the features live in one shared cell; in-place ops
+compute out of place and rebind the cell, which keeps autograd simple).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
+from .context import SparseContext, key_id
 from .errors import UnsupportedLayerError
 
-__all__ = ["SparseContext", "SparseMap", "implements", "require_map"]
+__all__ = ["SparseContext", "SparseMap", "implements", "key_id", "require_map"]
 
 HANDLERS: dict[Callable, Callable] = {}
 
@@ -38,51 +43,21 @@ def implements(*funcs: Callable) -> Callable:
     return register
 
 
-def key_id(key: Any) -> tuple:
-    """A hashable identity for a MinkowskiEngine ``CoordinateMapKey``."""
-    stride, name = key.get_key()
-    return (tuple(stride), name)
+class _Cell:
+    """The features one map and all its views share; ``channels_last`` is the storage layout."""
 
+    __slots__ = ("value", "channels_last")
 
-class SparseContext:
-    """What every map of one forward pass shares: coordinates, batch, image size, conv backend."""
-
-    def __init__(self, manager: Any, batch_size: int, image_size: tuple[int, int], conv_fn: Callable, device):
-        self.manager = manager
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.conv_fn = conv_fn
-        self.device = torch.device(device)
-        self.module_stack: list[str] = []
-        self._coordinates: dict[tuple, torch.Tensor] = {}
-        self._counts: dict[tuple, torch.Tensor] = {}
-
-    def where(self) -> str:
-        return f" in module {self.module_stack[-1]}" if self.module_stack else ""
-
-    def coordinates(self, key: Any) -> torch.Tensor:
-        """``[N, 3]`` int64 (batch, y, x) in pixel units, row-aligned with the features on ``key``."""
-        ident = key_id(key)
-        if ident not in self._coordinates:
-            self._coordinates[ident] = self.manager.get_coordinates(key).long().to(self.device)
-        return self._coordinates[ident]
-
-    def batch_index(self, key: Any) -> torch.Tensor:
-        return self.coordinates(key)[:, 0]
-
-    def counts(self, key: Any) -> torch.Tensor:
-        """Active sites per sample, ``[B]`` int64."""
-        ident = key_id(key)
-        if ident not in self._counts:
-            self._counts[ident] = torch.bincount(self.batch_index(key), minlength=self.batch_size)
-        return self._counts[ident]
+    def __init__(self, value: torch.Tensor, channels_last: bool):
+        self.value = value
+        self.channels_last = channels_last
 
 
 class SparseMap:
     """Features ``[N, C]`` at the active sites of a ``[B, C, H, W]`` map (or ``[B, H, W, C]`` after a
     ``permute(0, 2, 3, 1)``: ``channels_last``). ``tensor_stride`` is the map's stride in pixels."""
 
-    __slots__ = ("features", "key", "tensor_stride", "ctx", "channels_last")
+    __slots__ = ("_cell", "_channels", "key", "tensor_stride", "ctx", "channels_last")
 
     def __init__(
         self,
@@ -92,15 +67,40 @@ class SparseMap:
         ctx: SparseContext,
         channels_last: bool = False,
     ):
-        self.features = features
+        self._cell = _Cell(features, channels_last)
+        self._channels: range | None = None  # a channel slice of the cell (a view), or all of it
         self.key = key
         self.tensor_stride = tuple(tensor_stride)
         self.ctx = ctx
         self.channels_last = channels_last
 
-    # ---- construction helpers -------------------------------------------------------------
+    # ---- features and views ----------------------------------------------------------------
+    @property
+    def features(self) -> torch.Tensor:
+        value = self._cell.value
+        if self._channels is None:
+            return value
+        return value[:, self._channels.start : self._channels.stop : self._channels.step]
+
+    @features.setter
+    def features(self, value: torch.Tensor) -> None:
+        """Rebind the features (in-place ops): every view of the same cell sees the new values."""
+        if self._channels is None:
+            self._cell.value = value
+            return
+        full = self._cell.value.clone()
+        full[:, self._channels.start : self._channels.stop : self._channels.step] = value
+        self._cell.value = full
+
+    def _view(self, channels_last: bool | None = None, channels: range | None = None) -> SparseMap:
+        view = SparseMap.__new__(SparseMap)
+        view._cell, view._channels = self._cell, channels if channels is not None else self._channels
+        view.key, view.tensor_stride, view.ctx = self.key, self.tensor_stride, self.ctx
+        view.channels_last = self.channels_last if channels_last is None else channels_last
+        return view
+
     def with_features(self, features: torch.Tensor) -> SparseMap:
-        """Same sites and layout, new features (``[N, C']``)."""
+        """A new map (not a view) on the same sites and layout with features ``[N, C']``."""
         if features.dim() != 2 or features.shape[0] != self.features.shape[0]:
             raise UnsupportedLayerError(
                 f"an operation turned sparse features {tuple(self.features.shape)} into {tuple(features.shape)}"
@@ -118,9 +118,10 @@ class SparseMap:
         """Scatter into a dense tensor of the logical shape, zeros at inactive sites (differentiable)."""
         coords = self.ctx.coordinates(self.key)
         sy, sx = self.tensor_stride
+        features = self.features
         batch, height, width = self.ctx.batch_size, *self.spatial_size
-        grid = self.features.new_zeros(batch, height, width, self.features.shape[1])
-        grid = grid.index_put((coords[:, 0], coords[:, 1] // sy, coords[:, 2] // sx), self.features)
+        grid = features.new_zeros(batch, height, width, features.shape[1])
+        grid = grid.index_put((coords[:, 0], coords[:, 1] // sy, coords[:, 2] // sx), features)
         return grid if self.channels_last else grid.permute(0, 3, 1, 2).contiguous()
 
     # ---- tensor-like attributes ---------------------------------------------------------
@@ -143,6 +144,9 @@ class SparseMap:
         return 4
 
     ndim = property(dim)
+
+    def __len__(self) -> int:
+        return self.ctx.batch_size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,15 +171,6 @@ class SparseMap:
     @property
     def spatial_dims(self) -> tuple[int, int]:
         return (1, 2) if self.channels_last else (2, 3)
-
-    def contiguous(self, *args, **kwargs) -> SparseMap:
-        return self
-
-    def is_contiguous(self, *args, **kwargs) -> bool:
-        return True
-
-    def clone(self, *args, **kwargs) -> SparseMap:
-        return self.with_features(self.features.clone())
 
     def new_empty(self, *args, **kwargs) -> torch.Tensor:
         return self.features.new_empty(*args, **kwargs)
@@ -205,274 +200,179 @@ class SparseMap:
         ctx = object.__getattribute__(self, "ctx")
         raise UnsupportedAttributeError(f"Tensor.{name} has no sparse implementation{ctx.where()}")
 
-    # ---- layout ----------------------------------------------------------------------------
+    # ---- layout, contiguity, copies and channel slices ---------------------------------------
     def permute(self, *dims) -> SparseMap:
+        """A view: only channels-first <-> channels-last keeps the sites' meaning."""
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = tuple(dims[0])
         dims = tuple(d % 4 for d in dims)
         if dims == (0, 1, 2, 3):
-            return self
+            return self._view()
         if not self.channels_last and dims == (0, 2, 3, 1):
-            return SparseMap(self.features, self.key, self.tensor_stride, self.ctx, True)
+            return self._view(channels_last=True)
         if self.channels_last and dims == (0, 3, 1, 2):
-            return SparseMap(self.features, self.key, self.tensor_stride, self.ctx, False)
+            return self._view(channels_last=False)
         raise UnsupportedLayerError(
             f"permute{dims} on a sparse map{self.ctx.where()}: only channels-first <-> channels-last is supported"
         )
+
+    def is_contiguous(self, memory_format: torch.memory_format = torch.contiguous_format) -> bool:
+        whole = self._channels is None or len(self._channels) == self._cell.value.shape[1]
+        if memory_format == torch.channels_last:
+            return whole and self._cell.channels_last and not self.channels_last
+        return whole and self._cell.channels_last == self.channels_last
+
+    def contiguous(self, memory_format: torch.memory_format = torch.contiguous_format) -> SparseMap:
+        """Self when already contiguous (like torch), else a copy: later in-place ops stay apart."""
+        if memory_format not in (torch.contiguous_format, torch.channels_last, torch.preserve_format):
+            raise UnsupportedLayerError(f"contiguous({memory_format}) on a sparse map{self.ctx.where()}")
+        if memory_format == torch.preserve_format or self.is_contiguous(memory_format):
+            return self
+        if memory_format == torch.channels_last and self.channels_last:
+            raise UnsupportedLayerError(
+                f"contiguous(channels_last) on a channels-last sparse map{self.ctx.where()}: its dims are not NCHW"
+            )
+        copy = self.with_features(self.features)
+        copy._cell.channels_last = memory_format == torch.channels_last or self.channels_last
+        return copy
+
+    def clone(self, *, memory_format: torch.memory_format = torch.preserve_format) -> SparseMap:
+        return self.with_features(self.features.clone())
+
+    def __getitem__(self, index) -> SparseMap:
+        """Channel slices (``x[:, a:b]``, ``x[..., a:b]`` channels-last) are views; nothing else is
+        sparse (an index over batch or space would mix hidden and visible sites)."""
+        entries = index if isinstance(index, tuple) else (index,)
+        if sum(e is Ellipsis for e in entries) > 1:
+            raise UnsupportedLayerError(f"indexing a sparse map with {index!r}{self.ctx.where()}")
+        if Ellipsis in entries:
+            at = entries.index(Ellipsis)
+            entries = entries[:at] + (slice(None),) * (4 - len(entries) + 1) + entries[at + 1 :]
+        entries = entries + (slice(None),) * (4 - len(entries))
+        channel = entries[self.channel_dim] if len(entries) == 4 else None
+        others = [e for d, e in enumerate(entries) if d != self.channel_dim]
+        step = channel.step if isinstance(channel, slice) and channel.step is not None else 1
+        if (
+            not isinstance(channel, slice)
+            or not isinstance(step, int)
+            or step < 1
+            or any(e != slice(None) for e in others)
+        ):
+            raise UnsupportedLayerError(
+                f"indexing a sparse map of logical shape {tuple(self.shape)} with {index!r}{self.ctx.where()}: "
+                "only slices of the channel dim keep sparse semantics"
+            )
+        current = self._channels if self._channels is not None else range(self._cell.value.shape[1])
+        return self._view(channels=current[channel])
 
     # ---- torch protocol ----------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = HANDLERS.get(func)
-        if handler is not None:
-            return handler(*args, **kwargs)
-        if func in ELEMENTWISE:
-            return elementwise(func, args, kwargs)
-        name = getattr(func, "__name__", repr(func))
-        if name.endswith("_") and not name.endswith("__"):
-            out_of_place = ELEMENTWISE_BY_NAME.get(name[:-1])
-            if out_of_place is not None:
-                return inplace(out_of_place, args, kwargs)
-        ctx = next((a.ctx for a in tree_flatten((args, kwargs))[0] if isinstance(a, SparseMap)), None)
-        where = ctx.where() if ctx is not None else ""
-        raise UnsupportedLayerError(f"{_func_name(func)} has no sparse implementation{where}")
+        if handler is None:
+            raise UnsupportedLayerError(f"{func_name(func)} has no sparse implementation{_where(args, kwargs)}")
+        signature = _signature(handler)
+        if signature is not None:
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as err:
+                raise UnsupportedLayerError(
+                    f"{func_name(func)} with these arguments has no sparse implementation ({err}){_where(args, kwargs)}"
+                ) from None
+        return handler(*args, **kwargs)
 
 
 class UnsupportedAttributeError(UnsupportedLayerError, AttributeError):
     """A tensor attribute a sparse map lacks (an AttributeError too, so ``hasattr`` stays quiet)."""
 
 
-def _func_name(func: Callable) -> str:
+def _dispatching(name: str) -> Callable:
+    """The method ``SparseMap.<name>``: what torch would dispatch for ``torch.Tensor.<name>``."""
+    func = getattr(torch.Tensor, name)
+
+    def method(self: SparseMap, *args, **kwargs):
+        return SparseMap.__torch_function__(func, (SparseMap,), (self, *args), kwargs)
+
+    method.__name__ = name
+    return method
+
+
+# Tensor methods a map answers (their sparse twins are registered for torch.Tensor.<name>).
+# Every other dunder a tensor has is refused by name, so no Python protocol falls back to
+# ``object``'s meaning (identity ``==``, truthiness, iteration) and gives a silent wrong answer.
+# fmt: off
+_METHODS = (
+    "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__",
+    "__truediv__", "__rtruediv__", "__itruediv__", "__neg__", "__abs__", "__pow__", "__rpow__", "__ipow__",
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "multiply", "multiply_", "divide", "divide_",
+    "true_divide", "true_divide_", "neg", "neg_", "abs", "abs_", "sigmoid", "sigmoid_", "tanh", "tanh_", "relu",
+    "relu_", "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "clip", "clip_", "square",
+    "square_", "sqrt", "sqrt_", "rsqrt", "rsqrt_", "exp", "exp_", "pow", "pow_", "addcmul", "addcmul_",
+    "addcdiv", "addcdiv_", "reciprocal", "reciprocal_", "erf", "erf_", "sign", "sign_", "lerp", "lerp_",
+    "maximum", "minimum", "mean", "sum", "amax", "norm",
+)
+# fmt: on
+# fmt: off
+_OBJECT_PROTOCOL = {
+    "__class__", "__init__", "__new__", "__init_subclass__", "__subclasshook__", "__getattribute__",
+    "__getattr__", "__setattr__", "__delattr__", "__dir__", "__repr__", "__str__", "__format__", "__hash__",
+    "__reduce__", "__reduce_ex__", "__getstate__", "__setstate__", "__sizeof__", "__doc__", "__module__",
+    "__dict__", "__weakref__", "__annotations__", "__torch_function__", "__torch_dispatch__",
+}
+# fmt: on
+
+
+def _refused(name: str) -> Callable:
+    def method(self: SparseMap, *args, **kwargs):
+        raise UnsupportedLayerError(f"Tensor.{name} has no sparse implementation{self.ctx.where()}")
+
+    method.__name__ = name
+    return method
+
+
+for _name in _METHODS:
+    setattr(SparseMap, _name, _dispatching(_name))
+for _name in dir(torch.Tensor):
+    if (
+        _name.startswith("__")
+        and _name.endswith("__")
+        and _name not in _OBJECT_PROTOCOL
+        and callable(getattr(torch.Tensor, _name))
+        and getattr(SparseMap, _name, None) is getattr(object, _name, None)
+    ):
+        setattr(SparseMap, _name, _refused(_name))
+SparseMap.__hash__ = object.__hash__
+
+
+def func_name(func: Callable) -> str:
+    """``F.conv2d``, ``torch.mean``, ``Tensor.add_``: how a user would write the op."""
     module = getattr(func, "__module__", None) or ""
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
     if module.startswith("torch.nn.functional") or module == "torch._C._nn":
         return f"F.{name}"
     if module == "torch" or module.startswith("torch._C"):
-        return f"torch.{name}"
+        owner, _, short = name.rpartition(".")
+        return f"Tensor.{short}" if owner in ("Tensor", "TensorBase") else f"torch.{short}"
     return name
+
+
+def _where(args: tuple, kwargs: dict) -> str:
+    ctx = next((a.ctx for a in tree_flatten((args, kwargs))[0] if isinstance(a, SparseMap)), None)
+    return ctx.where() if ctx is not None else ""
+
+
+@functools.cache
+def _signature(handler: Callable) -> inspect.Signature | None:
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return None
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return None if all(p.kind in variadic for p in signature.parameters.values()) else signature
 
 
 def require_map(x: Any, op: str) -> SparseMap:
     if not isinstance(x, SparseMap):
         raise UnsupportedLayerError(f"{op} expected a sparse map as its input, got {type(x).__name__}")
     return x
-
-
-# ---- elementwise operations ------------------------------------------------------------------
-def broadcast_rows(ref: SparseMap, value: torch.Tensor, op: str) -> torch.Tensor:
-    """A dense operand that broadcasts against the map, as rows that broadcast against ``[N, C]``.
-
-    Operands may vary per sample and per channel (layer-scale ``gamma``, an SE gate ``[B, C, 1, 1]``,
-    drop-path's ``[B, 1, 1, 1]``, a GRN scale), never over space: hidden sites have no value.
-    """
-    if value.dim() == 0:
-        return value
-    if value.dim() > 4:
-        raise UnsupportedLayerError(
-            f"{op}: a {value.dim()}-d operand cannot broadcast onto a sparse map{ref.ctx.where()}"
-        )
-    full = value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
-    if any(full.shape[d] != 1 for d in ref.spatial_dims):
-        raise UnsupportedLayerError(
-            f"{op}: a dense operand of shape {tuple(value.shape)} varies over space against a sparse map of "
-            f"logical shape {tuple(ref.shape)}{ref.ctx.where()}; only per-sample / per-channel operands are supported"
-        )
-    rows = full.reshape(full.shape[0], full.shape[ref.channel_dim])
-    if rows.shape[0] == 1:
-        return rows
-    if rows.shape[0] != ref.ctx.batch_size:
-        raise UnsupportedLayerError(f"{op}: operand batch {rows.shape[0]} != {ref.ctx.batch_size}{ref.ctx.where()}")
-    return rows.index_select(0, ref.ctx.batch_index(ref.key))
-
-
-def _check_same_sites(maps: Iterable[SparseMap], op: str) -> SparseMap:
-    maps = list(maps)
-    ref = maps[0]
-    for other in maps[1:]:
-        if other is ref:
-            continue
-        if key_id(other.key) != key_id(ref.key) or other.ctx is not ref.ctx:
-            raise UnsupportedLayerError(
-                f"{op} combines sparse maps on different sites (strides {ref.tensor_stride} and "
-                f"{other.tensor_stride}){ref.ctx.where()}"
-            )
-        if other.channels_last != ref.channels_last:
-            raise UnsupportedLayerError(f"{op} combines channels-first and channels-last maps{ref.ctx.where()}")
-    return ref
-
-
-def elementwise(func: Callable, args: tuple, kwargs: dict) -> SparseMap:
-    """Apply an elementwise op to the features; dense operands broadcast per sample / channel."""
-    maps = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, SparseMap)]
-    op = _func_name(func)
-    ref = _check_same_sites(maps, op)
-    if "out" in kwargs:
-        raise UnsupportedLayerError(f"{op}(out=...) on a sparse map{ref.ctx.where()}")
-
-    def convert(value):
-        if isinstance(value, SparseMap):
-            return value.features
-        if isinstance(value, torch.Tensor):
-            return broadcast_rows(ref, value, op)
-        return value
-
-    args, kwargs = tree_map(convert, args), tree_map(convert, kwargs)
-    inplace_arg = _inplace_argument(func)
-    if inplace_arg is not None:
-        bound = inplace_arg.bind(*args, **kwargs)
-        if bound.arguments.get("inplace"):
-            bound.arguments["inplace"] = False
-            target = maps[0]
-            target.features = func(*bound.args, **bound.kwargs)
-            return target
-    return ref.with_features(func(*args, **kwargs))
-
-
-def inplace(out_of_place: Callable, args: tuple, kwargs: dict) -> SparseMap:
-    """``x.op_(...)``: compute out of place and rebind the target's features (keeps autograd simple)."""
-    target = args[0]
-    if not isinstance(target, SparseMap):
-        raise UnsupportedLayerError(
-            f"in-place {_func_name(out_of_place)} writes a sparse map into a dense tensor; this cannot stay sparse"
-        )
-    result = elementwise(out_of_place, args, kwargs)
-    target.features = result.features
-    return target
-
-
-@functools.cache
-def _inplace_argument(func: Callable) -> inspect.Signature | None:
-    try:
-        signature = inspect.signature(func)
-    except (TypeError, ValueError):
-        return None
-    return signature if "inplace" in signature.parameters else None
-
-
-_ELEMENTWISE_TORCH = [
-    "add",
-    "sub",
-    "subtract",
-    "mul",
-    "multiply",
-    "div",
-    "divide",
-    "true_divide",
-    "addcmul",
-    "addcdiv",
-    "neg",
-    "negative",
-    "abs",
-    "sigmoid",
-    "tanh",
-    "relu",
-    "exp",
-    "sqrt",
-    "rsqrt",
-    "pow",
-    "square",
-    "clamp",
-    "clamp_min",
-    "clamp_max",
-    "clip",
-    "maximum",
-    "minimum",
-    "where",
-    "erf",
-    "sign",
-    "reciprocal",
-    "lerp",
-    "hardswish",
-]
-_ELEMENTWISE_F = [
-    "relu",
-    "relu6",
-    "hardtanh",
-    "gelu",
-    "silu",
-    "mish",
-    "hardswish",
-    "hardsigmoid",
-    "sigmoid",
-    "tanh",
-    "leaky_relu",
-    "elu",
-    "selu",
-    "celu",
-    "softplus",
-    "dropout",
-    "alpha_dropout",
-    "logsigmoid",
-]
-_DUNDERS = [
-    "__add__",
-    "__radd__",
-    "__sub__",
-    "__rsub__",
-    "__mul__",
-    "__rmul__",
-    "__truediv__",
-    "__rtruediv__",
-    "__neg__",
-    "__pow__",
-    "add",
-    "sub",
-    "mul",
-    "div",
-    "sigmoid",
-    "tanh",
-    "relu",
-    "clamp",
-]
-
-ELEMENTWISE: set[Callable] = set()
-ELEMENTWISE_BY_NAME: dict[str, Callable] = {}
-for _name in _ELEMENTWISE_TORCH:
-    if hasattr(torch, _name):
-        ELEMENTWISE.add(getattr(torch, _name))
-        ELEMENTWISE_BY_NAME[_name] = getattr(torch, _name)
-for _name in _ELEMENTWISE_F:
-    if hasattr(F, _name):
-        ELEMENTWISE.add(getattr(F, _name))
-        ELEMENTWISE_BY_NAME.setdefault(_name, getattr(F, _name))
-for _name in _DUNDERS:
-    if hasattr(torch.Tensor, _name):
-        ELEMENTWISE.add(getattr(torch.Tensor, _name))
-
-
-def _binary(func: Callable, reflected: bool = False) -> Callable:
-    def method(self: SparseMap, other):
-        return elementwise(func, (other, self) if reflected else (self, other), {})
-
-    return method
-
-
-def _rebinding(func: Callable) -> Callable:
-    def method(self: SparseMap, *args, **kwargs):
-        return inplace(func, (self, *args), kwargs)
-
-    return method
-
-
-def _unary(func: Callable) -> Callable:
-    def method(self: SparseMap, *args, **kwargs):
-        return elementwise(func, (self, *args), kwargs)
-
-    return method
-
-
-for _dunder, _func in {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "truediv": torch.div}.items():
-    setattr(SparseMap, f"__{_dunder}__", _binary(_func))
-    setattr(SparseMap, f"__r{_dunder}__", _binary(_func, reflected=True))
-    setattr(SparseMap, f"__i{_dunder}__", _rebinding(_func))
-SparseMap.__neg__ = _unary(torch.neg)
-SparseMap.__pow__ = _unary(torch.pow)
-for _name in ("add", "sub", "mul", "div", "sigmoid", "tanh", "relu", "clamp", "clamp_min", "clamp_max", "abs",
-              "square", "sqrt", "exp", "neg", "addcmul", "addcdiv", "pow"):  # fmt: skip
-    _func = getattr(torch, _name)
-    setattr(SparseMap, _name, _unary(_func))
-    setattr(SparseMap, f"{_name}_", _rebinding(_func))
-SparseMap.multiply = SparseMap.mul
-SparseMap.divide = SparseMap.div
-SparseMap.__hash__ = object.__hash__

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from engine_compare import BACKENDS, F64_TOL
 from engine_reference import USER_STAGES, assert_rel, make_model, random_visible, to_pixels
 
 import sparkme
@@ -29,28 +30,30 @@ def dense_features(model, stage_names, images):
     return [outputs[n] for n in stage_names]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("train", [pytest.param(False, marks=pytest.mark.slow), True], ids=["eval", "train"])
-def test_ratio_zero_is_the_dense_model(name: str, train: bool):
+def test_ratio_zero_is_the_dense_model(name: str, train: bool, backend: str):
     stages, (height, width) = CASES[name]
     model = make_model(name).double().train(train)
-    encoder = sparkme.sparsify(model, stages=stages)
+    encoder = sparkme.sparsify(model, stages=stages, backend=backend)
     patch = encoder.downsample_ratio
     images = torch.randn(2, 3, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     visible = torch.ones(2, 1, height // patch, width // patch, dtype=torch.bool)
     sparse = encoder(images, visible)
     dense = dense_features(copy.deepcopy(model), [s.name for s in encoder.stages], images)
     for i, (a, b) in enumerate(zip(sparse, dense)):
-        assert_rel(a, b, 1e-5, f"{name} stage {i}")
+        assert_rel(a, b, F64_TOL, f"{name} stage {i}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_hidden_pixels_do_not_leak(name: str):
-    stages, (height, width) = CASES[name]
+def test_hidden_pixels_do_not_leak(name: str, backend: str):
     """float64 because ME's threaded CPU kernels are not bitwise deterministic; a leak of hidden pixels
     scaled by 100 would show at O(1), far above the 1e-10 allowed here."""
+    stages, (height, width) = CASES[name]
     model = make_model(name).double().train()
-    encoder = sparkme.sparsify(model, stages=stages)
+    encoder = sparkme.sparsify(model, stages=stages, backend=backend)
     patch = encoder.downsample_ratio
     visible = random_visible(2, (height // patch, width // patch), 0.6, seed=1)
     pixels = to_pixels(visible, (height, width))

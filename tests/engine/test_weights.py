@@ -12,21 +12,11 @@ from test_semantics import dense_features
 import sparkme
 
 _slow = pytest.mark.slow
-FAMILIES = [
-    "resnet18",
-    pytest.param("resnet50", marks=_slow),
-    pytest.param("resnet50d", marks=_slow),
-    pytest.param("resnext50_32x4d", marks=_slow),
-    pytest.param("seresnet50", marks=_slow),
-    "convnext_atto",
-    pytest.param("convnext_tiny", marks=_slow),
-    "convnextv2_atto",
-    "user_cnn",
-]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_round_trip_is_bitwise_and_shares_nothing(name: str):
+def test_round_trip_is_bitwise_and_shares_nothing(name: str = "resnet18"):
+    """The encoder keeps the dense model's own modules, so this holds by design; one cheap check
+    that sparsify copies (shares no storage) and that export and import are exact."""
     model = make_model(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     encoder = sparkme.sparsify(model, stages=USER_STAGES if name == "user_cnn" else None)

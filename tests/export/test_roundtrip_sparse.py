@@ -5,19 +5,16 @@ image (where SparK's sparse encoding must equal the dense network)."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+import torchvision
+from sparkme.converters import convert, save_export
+from sparkme.converters.detectron2_format import d2_resnet_key
 
-pytest.importorskip("MinkowskiEngine")
+import sparkme
 
-import timm  # noqa: E402
-import torchvision  # noqa: E402
-from sparkme.converters import convert, save_export  # noqa: E402
-from sparkme.converters.detectron2_format import d2_resnet_key  # noqa: E402
-
-import sparkme  # noqa: E402
-
-from .conftest import randomized_model  # noqa: E402
-from .test_torchvision_format import torchvision_trunk  # noqa: E402
+from .conftest import randomized_model
+from .test_torchvision_format import torchvision_trunk
 
 SIZE = 64
 

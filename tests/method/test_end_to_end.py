@@ -5,14 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
+import timm
 import torch
 from torch import nn
 
-pytest.importorskip("MinkowskiEngine")
-timm = pytest.importorskip("timm")
-
-import sparkme  # noqa: E402
-from sparkme.method import SparK  # noqa: E402
+import sparkme
+from sparkme.method import SparK
 
 
 def demo_batch(count: int, image_size: int) -> torch.Tensor:

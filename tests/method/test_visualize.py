@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from PIL import Image
 
@@ -72,7 +71,6 @@ def test_unreadable_image_is_a_clear_error(tmp_path, capsys):
 
 
 def test_cli_writes_grid_from_a_real_checkpoint(tmp_path, capsys):
-    pytest.importorskip("MinkowskiEngine")
     from sparkme.data.demo import DemoDataset
     from sparkme.training.build import build_spark
     from sparkme.training.checkpoint import save_checkpoint

@@ -44,7 +44,7 @@ class SparseConvFn(Protocol):
 
 BACKENDS: dict[str, SparseConvFn] = {}
 _AUTOCAST: set[str] = set()
-DEFAULT_BACKEND = "minkowski"
+DEFAULT_BACKEND = "gather"
 
 
 def register_backend(name: str, fn: SparseConvFn, *, autocast: bool = False) -> None:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
+from ..context import key_id
 from . import register_backend
 
 __all__ = ["gather_conv", "NeighbourPlan", "neighbour_plan"]
@@ -158,11 +159,6 @@ def _invert(table: torch.Tensor, num_in: int) -> torch.Tensor:
     return inverse
 
 
-def _key_id(key: object) -> tuple:
-    strides, name = key.get_key()
-    return tuple(strides), name
-
-
 def neighbour_plan(
     x: ME.SparseTensor,
     out_key: object,
@@ -174,7 +170,7 @@ def neighbour_plan(
     manager = x.coordinate_manager
     cache = _PLANS.setdefault(manager, {"scratch": Scratch()})
     in_key = x.coordinate_map_key
-    cache_key = (_key_id(in_key), _key_id(out_key), kernel, dilation, x.device)
+    cache_key = (key_id(in_key), key_id(out_key), kernel, dilation, x.device)
     plan = cache.get(cache_key)
     if plan is None:
         kernel_map = manager.kernel_map(

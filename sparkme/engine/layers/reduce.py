@@ -50,8 +50,11 @@ def reduce_sites(x: SparseMap, kind: str) -> torch.Tensor:
     return total / counts[:, None]
 
 
-def _reduce(x: SparseMap, dim, keepdim: bool, kind: str, op: str):
+def _reduce(x: SparseMap, dim, keepdim: bool, kind: str, op: str, dtype: torch.dtype | None = None):
+    """``dtype`` casts the input first, as torch's reductions do."""
     x = require_map(x, op)
+    if dtype is not None:
+        x = x.with_features(x.features.to(dtype))
     where = _dims(x, dim, op)
     if where == "channel":
         if not keepdim:
@@ -73,12 +76,12 @@ def _reduce(x: SparseMap, dim, keepdim: bool, kind: str, op: str):
 
 @implements(torch.mean, torch.Tensor.mean)
 def mean(x, dim=None, keepdim: bool = False, *, dtype=None):
-    return _reduce(x, dim, keepdim, "mean", "mean")
+    return _reduce(x, dim, keepdim, "mean", "mean", dtype)
 
 
 @implements(torch.sum, torch.Tensor.sum)
 def sum_(x, dim=None, keepdim: bool = False, *, dtype=None):
-    return _reduce(x, dim, keepdim, "sum", "sum")
+    return _reduce(x, dim, keepdim, "sum", "sum", dtype)
 
 
 @implements(torch.amax, torch.Tensor.amax)
@@ -90,12 +93,12 @@ def amax(x, dim=(), keepdim: bool = False):
 def norm(x, p="fro", dim=None, keepdim: bool = False, dtype=None):
     if p not in (2, 2.0, "fro"):
         raise UnsupportedLayerError(f"norm with p={p!r} on a sparse map{x.ctx.where()}: only the 2-norm is supported")
-    return _reduce(x, dim, keepdim, "norm2", "norm")
+    return _reduce(x, dim, keepdim, "norm2", "norm", dtype)
 
 
 @implements(torch.linalg.vector_norm)
 def vector_norm(x, ord=2, dim=None, keepdim: bool = False, *, dtype=None):
-    return norm(x, ord, dim, keepdim)
+    return norm(x, ord, dim, keepdim, dtype)
 
 
 @implements(F.adaptive_avg_pool2d)
@@ -115,9 +118,3 @@ def adaptive_max_pool2d(x, output_size, return_indices: bool = False):
             f"adaptive_max_pool2d to {output_size} on a sparse map: only global pooling (output size 1) is supported"
         )
     return _reduce(x, require_map(x, "adaptive_max_pool2d").spatial_dims, True, "amax", "adaptive_max_pool2d")
-
-
-SparseMap.mean = mean
-SparseMap.sum = sum_
-SparseMap.amax = amax
-SparseMap.norm = norm

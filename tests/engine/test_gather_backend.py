@@ -1,4 +1,5 @@
-"""Layer-level exactness of the "gather" backend against MinkowskiEngine and a masked dense conv."""
+"""Layer-level exactness of the "gather" backend against MinkowskiEngine and a masked dense conv
+(float64 to round-off; float32 and bf16 as accurate as the reference in the same dtype)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import MinkowskiEngine as ME
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_compare import assert_as_accurate
 
 from sparkme.engine.backends import get_backend
 from sparkme.engine.backends.gather import neighbour_plan
@@ -77,8 +79,27 @@ def _gather_run(images, visible, weight, bias, stride, dilation, groups):
     return x, features, weight, bias, out
 
 
-def _tolerance(dtype: torch.dtype) -> dict:
-    return {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+def _check(actual: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor, what: str) -> None:
+    """float64: equal to round-off; lower precisions: as accurate as ``reference`` in that dtype,
+    both measured against the float64 ``truth``."""
+    if actual.dtype == torch.float64:
+        torch.testing.assert_close(actual, truth, rtol=1e-10, atol=1e-10, msg=what)
+    else:
+        assert_as_accurate(actual, reference, truth, what)
+
+
+def _dense_conv(images, visible, weight, bias, case, coords: torch.Tensor, grad: torch.Tensor):
+    """Masked dense conv at the sparse output sites: (output, input grad, weight grad, bias grad)."""
+    _, _, _, kernel, stride, dilation, groups = case
+    images = (images * visible).requires_grad_(True)
+    weight = weight.clone().requires_grad_(True)
+    bias = bias.clone().requires_grad_(True) if bias is not None else None
+    dense = F.conv2d(images, weight, bias, stride, _padding(kernel, dilation), dilation, groups)
+    dense_grad = torch.zeros_like(dense)
+    dense_grad[coords[:, 0], :, coords[:, 1] // stride, coords[:, 2] // stride] = grad.to(dense.dtype)
+    dense.backward(dense_grad)
+    bias_grad = bias.grad if bias is not None else None
+    return _at_sites(dense, coords, stride), images.grad, weight.grad, bias_grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -89,29 +110,23 @@ def test_matches_masked_dense_conv(case, bias: bool, dtype: torch.dtype) -> None
     images, visible, weight, bias_t = _problem(case, dtype, bias)
     x, features, weight_s, bias_s, out = _gather_run(images, visible, weight, bias_t, stride, dilation, groups)
 
-    images_d = (images * visible).requires_grad_(True)
-    weight_d = weight.clone().requires_grad_(True)
-    bias_d = bias_t.clone().requires_grad_(True) if bias else None
-    dense = F.conv2d(images_d, weight_d, bias_d, stride, _padding(kernel, dilation), dilation, groups)
-
     out_visible = F.max_pool2d(visible.to(dtype), stride, stride) > 0 if stride > 1 else visible
     expected_sites = out_visible[:, 0].nonzero().int()
     sites = out.C.clone()
     sites[:, 1:] //= stride
     assert sorted(map(tuple, sites.tolist())) == sorted(map(tuple, expected_sites.tolist()))
-    tol = _tolerance(dtype)
-    torch.testing.assert_close(out.F, _at_sites(dense, out.C, stride), **tol)
 
     grad = torch.randn(out.F.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
     out.F.backward(grad)
-    dense_grad = torch.zeros_like(dense)
     coords = out.C.long()
-    dense_grad[coords[:, 0], :, coords[:, 1] // stride, coords[:, 2] // stride] = grad
-    dense.backward(dense_grad)
-    torch.testing.assert_close(features.grad, _at_sites(images_d.grad, x.C, 1), **tol)
-    torch.testing.assert_close(weight_s.grad, weight_d.grad, **tol)
+    same = _dense_conv(images, visible, weight, bias_t, case, coords, grad)
+    wide = bias_t.double() if bias else None
+    truth = _dense_conv(images.double(), visible, weight.double(), wide, case, coords, grad)
+    _check(out.F, same[0], truth[0], "output")
+    _check(features.grad, _at_sites(same[1], x.C, 1), _at_sites(truth[1], x.C, 1), "input grad")
+    _check(weight_s.grad, same[2], truth[2], "weight grad")
     if bias:
-        torch.testing.assert_close(bias_s.grad, bias_d.grad, **tol)
+        _check(bias_s.grad, same[3], truth[3], "bias grad")
 
 
 def _minkowski_conv(weight, bias, kernel, stride, dilation) -> ME.MinkowskiConvolution:
@@ -135,29 +150,31 @@ def test_matches_minkowski_convolution(case, bias: bool, dtype: torch.dtype) -> 
     _, cin, cout, kernel, stride, dilation, _ = case
     images, visible, weight, bias_t = _problem(case, dtype, bias)
     x, features, weight_s, bias_s, out = _gather_run(images, visible, weight, bias_t, stride, dilation, 1)
-
-    features_me = x.F.detach().clone().requires_grad_(True)
-    x_me = ME.SparseTensor(
-        features_me, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager
-    )
-    conv = _minkowski_conv(weight, bias_t, kernel, stride, dilation)
-    out_me = conv(x_me)
-    assert out_me.coordinate_map_key == out.coordinate_map_key
-    tol = _tolerance(dtype)
-    torch.testing.assert_close(out.F, out_me.F, **tol)
-
     grad = torch.randn(out.F.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
     out.F.backward(grad)
-    out_me.F.backward(grad)
-    torch.testing.assert_close(features.grad, features_me.grad, **tol)
-    me_kernel_grad = conv.kernel.grad
-    if conv.use_mm:
-        me_weight_grad = me_kernel_grad.t().reshape(cout, cin, 1, 1)
-    else:
-        me_weight_grad = me_kernel_grad.reshape(kernel, kernel, cin, cout).permute(3, 2, 1, 0)
-    torch.testing.assert_close(weight_s.grad, me_weight_grad, **tol)
+    same = _minkowski_run(x, weight, bias_t, case, grad)
+    assert same[0].coordinate_map_key == out.coordinate_map_key
+    truth = _minkowski_run(x, weight.double(), bias_t.double() if bias else None, case, grad.double())
+    _check(out.F, same[0].F, truth[0].F, "output")
+    _check(features.grad, same[1], truth[1], "input grad")
+    _check(weight_s.grad, same[2], truth[2], "weight grad")
     if bias:
-        torch.testing.assert_close(bias_s.grad, conv.bias.grad.view(-1), **tol)
+        _check(bias_s.grad, same[3], truth[3], "bias grad")
+
+
+def _minkowski_run(x: ME.SparseTensor, weight, bias, case, grad):
+    """MinkowskiEngine's own convolution in ``weight``'s dtype: (output, input grad, weight grad, bias grad)."""
+    _, cin, cout, kernel, stride, dilation, _ = case
+    features = x.F.detach().to(weight.dtype).requires_grad_(True)
+    x_me = ME.SparseTensor(features, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+    conv = _minkowski_conv(weight, bias, kernel, stride, dilation)
+    out = conv(x_me)
+    out.F.backward(grad)
+    if conv.use_mm:
+        weight_grad = conv.kernel.grad.t().reshape(cout, cin, 1, 1)
+    else:
+        weight_grad = conv.kernel.grad.reshape(kernel, kernel, cin, cout).permute(3, 2, 1, 0)
+    return out, features.grad, weight_grad, conv.bias.grad.view(-1) if bias is not None else None
 
 
 def test_plans_are_cached_per_manager_and_shared_between_layers() -> None:
@@ -188,15 +205,19 @@ def test_inverse_table_is_the_adjoint_of_gather() -> None:
 
 
 def test_bf16_autocast_runs_gemms_in_bf16() -> None:
+    """Under autocast the GEMMs run in bf16 and are as accurate as a dense bf16 conv (fp64 truth)."""
     case = CASES[2]
     images, visible, weight, bias = _problem(case, torch.float32, True)
     x = _sparse(images, visible)
-    reference = get_backend("gather")(x, weight, bias, stride=(1, 1), dilation=(1, 1), groups=1)
+    coords = x.C.long()
+    truth = _dense_conv(images.double(), visible, weight.double(), bias.double(), case, coords, torch.zeros(1))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same = F.conv2d(images * visible, weight, bias, 1, 1)
     weight = weight.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = get_backend("gather")(x, weight, bias, stride=(1, 1), dilation=(1, 1), groups=1)
-    assert out.F.dtype == torch.bfloat16
-    torch.testing.assert_close(out.F.float(), reference.F, rtol=0.05, atol=0.05)
+    assert out.F.dtype == torch.bfloat16 and same.dtype == torch.bfloat16
+    assert_as_accurate(out.F, _at_sites(same, coords, 1), truth, "bf16 output")
     out.F.float().sum().backward()
     assert weight.grad is not None and weight.grad.dtype == torch.float32
 
