@@ -19,6 +19,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
 from sparkme.benchmarks.machine import describe_machine, machine_line
 from sparkme.benchmarks.measure import MEASURES, Case, run_case
 from sparkme.benchmarks.paths import default_paths, get_path

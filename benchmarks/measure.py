@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
 from sparkme.benchmarks.paths import build_encoder, get_path
 
 __all__ = ["Case", "run_case", "MEASURES"]

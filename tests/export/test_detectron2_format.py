@@ -11,6 +11,7 @@ import pickle
 
 import numpy as np
 import pytest
+
 from sparkme.converters import convert, save_export
 from sparkme.converters.detectron2_format import d2_resnet_key
 

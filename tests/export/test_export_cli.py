@@ -6,9 +6,9 @@ import pickle
 
 import pytest
 import torch
-from sparkme.converters import read_encoder
 
 from sparkme.cli.export import main
+from sparkme.converters import read_encoder
 
 
 @pytest.fixture()

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from PIL import Image
-from sparkme.converters import convert, save_export
 
 from sparkme.cli.finetune import main
+from sparkme.converters import convert, save_export
 from sparkme.finetune import (
     FinetuneConfig,
     build_classifier,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from sparkme.converters import UnsupportedArchitectureError, convert, save_export
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -8,10 +8,10 @@ import pytest
 import timm
 import torch
 import torchvision
-from sparkme.converters import convert, save_export
-from sparkme.converters.detectron2_format import d2_resnet_key
 
 import sparkme
+from sparkme.converters import convert, save_export
+from sparkme.converters.detectron2_format import d2_resnet_key
 
 from .conftest import randomized_model
 from .test_torchvision_format import torchvision_trunk

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparkme.converters.spark_format import convnext_official_to_timm, convnext_timm_to_official, to_spark
 
 import sparkme
+from sparkme.converters.spark_format import convnext_official_to_timm, convnext_timm_to_official, to_spark
 from sparkme.training.init_weights import init_from
 
 WIDTH = 64  # decoder width of the test model (official: 768); levels 64, 32, 16, 8, 4, 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+
 from sparkme.converters import FORMATS, UnsupportedArchitectureError, convert, save_export
 
 

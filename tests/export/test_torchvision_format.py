@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+
 from sparkme.converters import UnsupportedArchitectureError, convert, save_export
 
 
