@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "check_mask_geometry",
     "check_mask_ratio",
     "hidden_patch_count",
     "patch_grid",
@@ -35,12 +36,28 @@ def hidden_patch_count(num_patches: int, mask_ratio: float) -> int:
 def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
     """Patch grid ``(grid_h, grid_w)`` of an image, refusing sides that are not multiples of ``patch_size``."""
     if height % patch_size or width % patch_size or height <= 0 or width <= 0:
+        near_h, near_w = (max(1, round(side / patch_size)) * patch_size for side in (height, width))
         raise ValueError(
-            f"image size {height}x{width} is not a positive multiple of the patch side {patch_size} "
-            f"(the encoder's total stride); resize or crop images to multiples of {patch_size}, e.g. "
-            f"{max(1, round(height / patch_size)) * patch_size}x{max(1, round(width / patch_size)) * patch_size}"
+            f"image size {height}x{width} is not a multiple of the encoder's total stride {patch_size} "
+            f"(the mask's patch side); resize or crop images to multiples of {patch_size}, e.g. {near_h}x{near_w}"
         )
     return height // patch_size, width // patch_size
+
+
+def check_mask_geometry(height: int, width: int, patch_size: int, mask_ratio: float) -> tuple[int, int]:
+    """The one input check of masking: the patch grid of a ``height x width`` image, refusing sides that
+    are not multiples of ``patch_size``, a ratio outside (0, 1) and a grid where the ratio hides no patch
+    or every patch. The model checks every batch with it; the trainer checks its config before building."""
+    grid_h, grid_w = patch_grid(height, width, patch_size)
+    num_patches = grid_h * grid_w
+    num_hidden = hidden_patch_count(num_patches, mask_ratio)
+    if not 0 < num_hidden < num_patches:
+        raise ValueError(
+            f"a {grid_h}x{grid_w} patch grid with mask_ratio {mask_ratio} hides {num_hidden} of {num_patches} "
+            f"patches; at least one patch must be hidden and one visible: use larger images "
+            f"(multiples of {patch_size}) or another mask_ratio"
+        )
+    return grid_h, grid_w
 
 
 def random_patch_mask(

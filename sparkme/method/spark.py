@@ -16,15 +16,9 @@ from torch import nn
 from sparkme.method.decoder import LightDecoder
 from sparkme.method.densify import NORM_KINDS, Densify
 from sparkme.method.loss import masked_patch_mse, patch_stats, patchify, unpatchify
-from sparkme.method.masking import (
-    check_mask_ratio,
-    hidden_patch_count,
-    patch_grid,
-    random_patch_mask,
-    upsample_mask,
-)
+from sparkme.method.masking import check_mask_geometry, check_mask_ratio, patch_grid, random_patch_mask, upsample_mask
 
-__all__ = ["SparK", "decoder_levels", "no_weight_decay_names", "projection_kernels"]
+__all__ = ["SparK", "decoder_levels", "no_weight_decay_names", "projection_kernels", "split_weight_decay"]
 
 
 def decoder_levels(feature_strides: list[int], patch_size: int) -> list[int]:
@@ -63,11 +57,25 @@ def projection_kernels(levels: list[int], channels: list[int], widths: list[int]
 
 
 def no_weight_decay_names(module: nn.Module) -> set[str]:
-    """Names of trainable parameters that should not be weight-decayed: biases, norm weights, mask embeddings.
-
-    These are exactly the parameters with at most one dimension (mask embeddings are stored as ``[C]``).
+    """Names of trainable parameters that are not weight-decayed: biases and norm scales (at most one
+    dimension) and mask embeddings (by name, whatever their shape). The one no-weight-decay rule:
+    :meth:`SparK.param_groups` and the trainer's optimizer groups both split with :func:`split_weight_decay`.
     """
-    return {name for name, param in module.named_parameters() if param.requires_grad and param.ndim <= 1}
+    return {
+        name
+        for name, param in module.named_parameters()
+        if param.requires_grad and (param.ndim <= 1 or "mask" in name.lower())
+    }
+
+
+def split_weight_decay(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters of ``module`` as ``(decayed, not decayed)`` by :func:`no_weight_decay_names`."""
+    skip = no_weight_decay_names(module)
+    decay, plain = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (plain if name in skip else decay).append(param)
+    return decay, plain
 
 
 class SparK(nn.Module):
@@ -110,15 +118,8 @@ class SparK(nn.Module):
 
     def sample_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh random mask ``[B, h, w]`` (True = hidden) for ``images``."""
-        grid_h, grid_w = self._grid(images)
-        num_patches = grid_h * grid_w
-        num_hidden = hidden_patch_count(num_patches, self.mask_ratio)
-        if not 0 < num_hidden < num_patches:
-            raise ValueError(
-                f"a {grid_h}x{grid_w} patch grid with mask_ratio {self.mask_ratio} hides {num_hidden} of "
-                f"{num_patches} patches; at least one patch must be hidden and one visible: use larger "
-                f"images (multiples of {self.patch_size}) or another mask_ratio"
-            )
+        self._check_images(images)
+        grid_h, grid_w = check_mask_geometry(images.shape[-2], images.shape[-1], self.patch_size, self.mask_ratio)
         return random_patch_mask(images.shape[0], grid_h, grid_w, self.mask_ratio, generator, device=images.device)
 
     def forward(
@@ -173,20 +174,17 @@ class SparK(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Two optimizer groups: ``weight_decay`` for weights, 0 for biases, norms and mask embeddings."""
-        skip = no_weight_decay_names(self)
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if name in skip else decay).append(param)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay, plain = split_weight_decay(self)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
-    def _grid(self, images: torch.Tensor) -> tuple[int, int]:
+    @staticmethod
+    def _check_images(images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W] (got shape {tuple(images.shape)})")
-        return patch_grid(images.shape[-2], images.shape[-1], self.patch_size)
 
     def _check_mask(self, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        expected = (images.shape[0], *self._grid(images))
+        self._check_images(images)
+        expected = (images.shape[0], *patch_grid(images.shape[-2], images.shape[-1], self.patch_size))
         if mask.dtype != torch.bool or tuple(mask.shape) != expected:
             raise ValueError(
                 f"mask must be bool {list(expected)} (True = hidden patch); got {mask.dtype} {list(mask.shape)}"

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from sparkme.errors import UserError
+from sparkme.method.masking import check_mask_geometry
 
 __all__ = [
     "instantiate_unwrapped",
@@ -72,22 +73,12 @@ def build_dense_model(model_cfg: Mapping[str, Any]) -> nn.Module:
 
 
 def check_image_size(image_size: int, patch_size: int, mask_ratio: float) -> None:
-    """Image sides must be multiples of the encoder's stride and leave hidden and visible patches."""
-    if not 0.0 < float(mask_ratio) < 1.0:
-        raise ValueError(f"spark.mask_ratio must lie strictly between 0 and 1 (got {mask_ratio}); the paper uses 0.6")
-    if image_size <= 0 or image_size % patch_size:
-        lower = max(patch_size, image_size // patch_size * patch_size)
-        raise ValueError(
-            f"data.image_size={image_size} is not a multiple of the encoder's total stride {patch_size}; "
-            f"use e.g. data.image_size={lower} or {lower + patch_size}"
-        )
-    patches = (image_size // patch_size) ** 2
-    hidden = round(patches * float(mask_ratio))
-    if not 0 < hidden < patches:
-        raise ValueError(
-            f"data.image_size={image_size} gives {patches} patches of side {patch_size}, of which mask_ratio "
-            f"{mask_ratio} hides {hidden}: at least one must be hidden and one visible; use larger images"
-        )
+    """``data.image_size`` and ``spark.mask_ratio`` checked before building, by the model's own
+    :func:`~sparkme.method.masking.check_mask_geometry`, in config terms."""
+    try:
+        check_mask_geometry(image_size, image_size, patch_size, mask_ratio)
+    except ValueError as error:
+        raise ValueError(f"data.image_size={image_size}, spark.mask_ratio={mask_ratio}: {error}") from None
 
 
 def _positive_int(name: str, value: Any) -> int:

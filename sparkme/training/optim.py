@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["effective_lr", "no_decay", "param_groups", "build_optimizer", "apply_schedule"]
+from sparkme.method.spark import split_weight_decay
+
+__all__ = ["effective_lr", "param_groups", "build_optimizer", "apply_schedule"]
 
 
 def effective_lr(base_lr: float, global_batch: int) -> float:
@@ -16,17 +18,10 @@ def effective_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases and norm scales (at most one dimension) and mask embeddings are not weight-decayed."""
-    return param.ndim <= 1 or "mask" in name.lower()
-
-
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Two groups; ``wd_scale`` tells :func:`apply_schedule` which one follows the weight-decay schedule."""
-    decay, plain = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (plain if no_decay(name, param) else decay).append(param)
+    """Two groups split by the method's no-weight-decay rule (:func:`~sparkme.method.spark.split_weight_decay`);
+    ``wd_scale`` tells :func:`apply_schedule` which one follows the weight-decay schedule."""
+    decay, plain = split_weight_decay(model)
     return [{"params": decay, "wd_scale": 1.0}, {"params": plain, "wd_scale": 0.0}]
 
 

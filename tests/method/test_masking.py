@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sparkme.method import random_patch_mask
-from sparkme.method.masking import hidden_patch_count, patch_grid, upsample_mask
+from sparkme.method.masking import check_mask_geometry, hidden_patch_count, patch_grid, upsample_mask
+from sparkme.training.build import check_image_size
 
 
 def test_exact_hidden_count_per_sample_non_square():
@@ -42,7 +43,7 @@ def test_ratio_outside_open_interval_is_refused(ratio):
 
 def test_size_not_multiple_of_patch_is_refused():
     assert patch_grid(64, 96, 32) == (2, 3)
-    with pytest.raises(ValueError, match="multiple of the patch side 32"):
+    with pytest.raises(ValueError, match="not a multiple of the encoder.s total stride 32"):
         patch_grid(70, 64, 32)
 
 
@@ -66,3 +67,21 @@ def test_same_generator_gives_the_official_mask():
     active = torch.zeros(batch, grid_h * grid_w, dtype=torch.bool).scatter_(1, noise.argsort(dim=1)[:, :keep], True)
     mask = random_patch_mask(batch, grid_h, grid_w, ratio, generator=torch.Generator().manual_seed(5))
     assert torch.equal(mask, ~active.view(batch, grid_h, grid_w))
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.5, 0.6, 0.9, 0.9444444444444445])
+@pytest.mark.parametrize("image_size", [32, 64, 96])
+def test_config_check_and_model_refuse_the_same_settings(image_size, ratio):
+    """The trainer's config check is the model's: L patches hide L - round(L * (1 - r)) (at 3x3 and
+    r = 0.9444444444444445 that is all 9, where round(L * r) = 8 would let the config through)."""
+    num_patches = (image_size // 32) ** 2
+    hidden = num_patches - round(num_patches * (1 - ratio))
+    if 0 < hidden < num_patches:
+        assert check_mask_geometry(image_size, image_size, 32, ratio) == (image_size // 32,) * 2
+        check_image_size(image_size, 32, ratio)
+        assert random_patch_mask(2, image_size // 32, image_size // 32, ratio).sum().item() == 2 * hidden
+        return
+    with pytest.raises(ValueError, match=f"hides {hidden} of {num_patches}"):
+        check_mask_geometry(image_size, image_size, 32, ratio)
+    with pytest.raises(ValueError, match=f"data.image_size={image_size}.*hides {hidden} of {num_patches}"):
+        check_image_size(image_size, 32, ratio)

@@ -8,6 +8,8 @@ import torch
 import sparkme
 from sparkme.method import LightDecoder, SparK, random_patch_mask
 from sparkme.method.loss import patchify, unpatchify
+from sparkme.method.spark import no_weight_decay_names
+from sparkme.training.optim import param_groups
 
 
 @pytest.mark.parametrize(
@@ -58,7 +60,7 @@ def test_hidden_pixels_reach_the_loss_only_through_the_target(stand_in_encoder):
 
 def test_bad_inputs_get_clear_errors(stand_in_encoder):
     model = SparK(stand_in_encoder(), decoder_width=32)
-    with pytest.raises(ValueError, match="multiple of the patch side 32"):
+    with pytest.raises(ValueError, match="not a multiple of the encoder.s total stride 32"):
         model(torch.randn(1, 3, 64, 70))
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         model(torch.randn(1, 1, 64, 64))
@@ -104,6 +106,18 @@ def test_param_groups_exclude_biases_norms_and_mask_embeddings(stand_in_encoder)
     for name in ("decoder.blocks.0.up.weight", "densify.projections.1.weight", "encoder.stages.0.0.weight"):
         assert ids[name] in decay_ids
     assert len(decay_ids | no_decay_ids) == len(ids) and not decay_ids & no_decay_ids
+
+
+def test_trainer_groups_follow_the_same_no_weight_decay_rule(stand_in_encoder):
+    model = SparK(stand_in_encoder(), decoder_width=32)
+    model.encoder.register_parameter("mask_token", torch.nn.Parameter(torch.zeros(1, 4, 1, 1)))  # by name
+    names = {id(p): name for name, p in model.named_parameters()}
+    trainer_decay, trainer_plain = param_groups(model)
+    method_decay, method_plain = model.param_groups(0.05)
+    assert [names[id(p)] for p in trainer_decay["params"]] == [names[id(p)] for p in method_decay["params"]]
+    assert {names[id(p)] for p in trainer_plain["params"]} == {names[id(p)] for p in method_plain["params"]}
+    assert {names[id(p)] for p in method_plain["params"]} == no_weight_decay_names(model)
+    assert "encoder.mask_token" in no_weight_decay_names(model)
 
 
 def test_top_level_exports():
