@@ -14,13 +14,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sparkme.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 from .base import Export
 from .torchvision_format import torchvision_resnet_state_dict
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "d2_resnet_key", "to_detectron2"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["d2_resnet_key", "to_detectron2"]
 
 # torchvision arch -> detectron2 MODEL.RESNETS settings besides STRIDE_IN_1X1
 _D2_RESNETS: dict[str, dict[str, int]] = {

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from sparkme.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 from .base import Export, UnsupportedArchitectureError, base_model_name, timm_trunk_state_dict
-from .detectron2_format import IMAGENET_MEAN, IMAGENET_STD
 from .torchvision_format import TORCHVISION_RESNETS, torchvision_resnet_state_dict
 
 __all__ = ["mmpretrain_convnext_key", "to_mmdet"]
