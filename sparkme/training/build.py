@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -15,6 +15,7 @@ __all__ = [
     "instantiate_unwrapped",
     "build_dense_model",
     "build_spark",
+    "spark_from_dense",
     "check_model_name",
     "check_image_size",
     "check_batch_settings",
@@ -104,12 +105,38 @@ def check_batch_settings(batch_size: Any, accum_steps: Any, world_size: int) -> 
     return batch_size // per_step
 
 
-def build_spark(model_cfg: Mapping[str, Any], spark_cfg: Mapping[str, Any], backend: str | None = None) -> nn.Module:
-    """Dense model -> ``sparkme.sparsify`` -> ``sparkme.SparK(encoder, **spark_cfg)``."""
-    import sparkme
+def spark_from_dense(
+    dense: nn.Module,
+    spark_cfg: Mapping[str, Any],
+    backend: str | None = None,
+    sync_bn: bool = False,
+    stages: Sequence[str] | None = None,
+) -> nn.Module:
+    """``sparkme.SparK(sparkme.sparsify(dense), **spark_cfg)``.
 
-    dense = build_dense_model(model_cfg)
-    encoder = sparkme.sparsify(dense)
+    With ``sync_bn`` every BatchNorm (the encoder's, densify's and the decoder's) becomes a
+    :class:`~sparkme.engine.layers.sync_bn.SparseSyncBatchNorm`: under DDP its statistics cover
+    the visible sites of all ranks. The dense model is converted before ``sparsify`` so the
+    encoder is built from the synchronised modules.
+    """
+    import sparkme
+    from sparkme.engine.layers.sync_bn import convert_sync_batchnorms
+
+    if sync_bn:
+        dense = convert_sync_batchnorms(dense)
+    encoder = sparkme.sparsify(dense, stages=stages)
     if backend:
         encoder.set_backend(backend)
-    return sparkme.SparK(encoder, **dict(spark_cfg))
+    model = sparkme.SparK(encoder, **dict(spark_cfg))
+    if sync_bn:
+        for name, child in list(model.named_children()):
+            if child is not encoder:
+                model.add_module(name, convert_sync_batchnorms(child))
+    return model
+
+
+def build_spark(
+    model_cfg: Mapping[str, Any], spark_cfg: Mapping[str, Any], backend: str | None = None, sync_bn: bool = False
+) -> nn.Module:
+    """Dense model of ``model_cfg`` -> :func:`spark_from_dense` (``sync_bn``: BatchNorms synchronised over ranks)."""
+    return spark_from_dense(build_dense_model(model_cfg), spark_cfg, backend=backend, sync_bn=sync_bn)

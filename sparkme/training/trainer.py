@@ -100,7 +100,12 @@ class Trainer:
         self.model = (
             model_factory()
             if model_factory is not None
-            else build_spark(_plain(cfg.model), _plain(cfg.spark), backend=cfg.engine.get("backend"))
+            else build_spark(
+                _plain(cfg.model),
+                _plain(cfg.spark),
+                backend=cfg.engine.get("backend"),
+                sync_bn=bool(cfg.train.get("sync_bn", False)),  # encoder, densify and decoder BatchNorms
+            )
         )
         if cfg.get("init_from"):  # released weights, model only; a resume below replaces them
             from sparkme.training.init_weights import init_from
@@ -214,12 +219,6 @@ class Trainer:
     def _wrap_ddp(self) -> nn.Module:
         if not self.dist.distributed:
             return self.model
-        if self.cfg.train.get("sync_bn", False):
-            if self.device.type != "cuda":
-                raise ValueError(
-                    "train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm is GPU-only); set it false"
-                )
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         return nn.parallel.DistributedDataParallel(
             self.model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
