@@ -7,6 +7,10 @@ Every path sees the same seeded images and patch mask. Time is the median of ``i
 processes on a shared machine disturb less); memory is CUDA's max allocated, or on the CPU the
 peak resident set above the level just before the first run (honest only in a fresh process:
 ``isolate`` in the CLI).
+
+The clock and the CUDA calls (synchronize around each timed run, peak-memory reset and read) are
+injectable (``run_case(case, clock=..., cuda=...)``): the CPU tests drive the GPU timing path
+with a fake CUDA and a scripted clock.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 
 from sparkme.benchmarks.paths import build_encoder, get_path
 
-__all__ = ["Case", "run_case", "MEASURES"]
+__all__ = ["Case", "run_case", "MEASURES", "Clock", "CudaOps", "CudaCalls"]
 
 MEASURES = ("encoder", "step")
 
@@ -53,18 +58,54 @@ def _inputs(case: Case, patch: int, device: torch.device) -> tuple[torch.Tensor,
     return images.to(device), hidden.to(device)
 
 
-class _PeakMemory:
-    """Peak memory over a region: CUDA max allocated, or CPU peak RSS (VmHWM) above the starting RSS."""
+class Clock:
+    """Wall-clock and process-CPU seconds (``time.perf_counter`` / ``time.process_time``)."""
+
+    def wall(self) -> float:
+        return time.perf_counter()
+
+    def cpu(self) -> float:
+        return time.process_time()
+
+
+class CudaOps(Protocol):
+    """The CUDA calls a GPU case makes: wait for queued kernels, reset and read the peak allocation."""
+
+    def synchronize(self) -> None: ...
+
+    def reset_peak(self) -> None: ...
+
+    def max_allocated(self) -> int: ...
+
+
+class CudaCalls:
+    """``CudaOps`` on a real device through ``torch.cuda``."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def max_allocated(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+
+class _PeakMemory:
+    """Peak memory over a region: CUDA max allocated, or CPU peak RSS (VmHWM) above the starting RSS."""
+
+    def __init__(self, cuda: CudaOps | None) -> None:
+        self.cuda = cuda
         self.method = "cuda max_memory_allocated"
         self._start = 0
 
     def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.cuda is not None:
+            self.cuda.synchronize()
+            self.cuda.reset_peak()
             return
         self._start = _status_kib("VmRSS")
         try:  # "5" resets the peak RSS (Linux >= 4.0)
@@ -75,8 +116,8 @@ class _PeakMemory:
             self.method = "cpu ru_maxrss minus RSS before the runs (peak may predate the runs)"
 
     def peak_mib(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.cuda is not None:
+            return self.cuda.max_allocated() / 2**20
         peak = _status_kib("VmHWM") if "VmHWM" in self.method else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return max(peak - self._start, 0) / 1024
 
@@ -131,8 +172,13 @@ def _build_step(case: Case, device: torch.device):
     return step
 
 
-def run_case(case: Case) -> dict:
-    """Run ``case`` in this process and return its result row."""
+def run_case(case: Case, *, clock: Clock | None = None, cuda: CudaOps | None = None) -> dict:
+    """Run ``case`` in this process and return its result row.
+
+    ``clock`` and ``cuda`` default to the real ones (``cuda`` only for a CUDA device); passing a
+    ``cuda`` for a CPU case runs the GPU timing path (synchronize around every run, CUDA's peak
+    allocation as memory) with the CPU doing the work.
+    """
     if case.threads:
         torch.set_num_threads(case.threads)
     device = torch.device(case.device)
@@ -140,20 +186,23 @@ def run_case(case: Case) -> dict:
         raise RuntimeError("device=cuda but torch sees no CUDA device; run with device=cpu")
     if case.warmup < 0 or case.iters < 1:
         raise ValueError(f"need warmup >= 0 and iters >= 1 (got warmup={case.warmup}, iters={case.iters})")
+    clock = clock or Clock()
+    if cuda is None and device.type == "cuda":
+        cuda = CudaCalls(device)
     step = _build_step(case, device)
-    memory = _PeakMemory(device)
+    memory = _PeakMemory(cuda)
     memory.start()
     times, cpu_times = [], []
     for i in range(case.warmup + case.iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
+        if cuda is not None:
+            cuda.synchronize()  # queued work of the previous run is not timed again
+        start, cpu_start = clock.wall(), clock.cpu()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if cuda is not None:
+            cuda.synchronize()  # the kernels this run queued are finished before the clock stops
         if i >= case.warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+            times.append(clock.wall() - start)
+            cpu_times.append(clock.cpu() - cpu_start)
     seconds = statistics.median(times)
     return {
         **asdict(case),
