@@ -1,23 +1,15 @@
-"""``sparkme-bench``: throughput and memory of the sparse, masked-dense and dense paths, side by side.
+"""The benchmark suite as a library: the cases a config names, run in rounds, written as a report.
 
-Examples::
-
-    sparkme-bench bench=smoke                       # seconds, CI
-    sparkme-bench bench=cpu output_dir=docs/bench   # the documented CPU run
-    sparkme-bench models=[resnet50] mask_ratios=[0.4,0.6,0.75,0.9] iters=5
-
-Writes results.json, results.csv, results.md and results.png into ``output_dir`` (default: the
-Hydra run directory, bench_results/<date>). Configuration: conf/bench.yaml.
+``sparkme-bench`` (:mod:`sparkme.cli.bench`) is the Hydra command line over :func:`run_benchmark`;
+it writes results.json, results.csv, results.md and results.png. Configuration: conf/bench.yaml.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import warnings
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sparkme.benchmarks.machine import describe_machine, machine_line
@@ -27,7 +19,7 @@ from sparkme.benchmarks.report import add_ratios, markdown_table, write_report
 from sparkme.benchmarks.rounds import merge_rounds
 from sparkme.benchmarks.worker import failed_row, run_isolated
 
-__all__ = ["cases_from_config", "run_benchmark", "main"]
+__all__ = ["cases_from_config", "run_benchmark"]
 
 log = logging.getLogger("sparkme.bench")
 
@@ -101,22 +93,3 @@ def run_benchmark(cfg: DictConfig, out_dir: Path) -> list[dict]:
     print(markdown_table(rows, machine))
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
     return rows
-
-
-@hydra.main(version_base="1.3", config_path="pkg://sparkme.conf", config_name="bench")
-def _hydra_main(cfg: DictConfig) -> None:
-    warnings.filterwarnings("ignore", module="MinkowskiEngine")
-    if cfg.output_dir:
-        out_dir = Path(cfg.output_dir)
-    else:
-        out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    run_benchmark(cfg, out_dir)
-
-
-def main() -> None:
-    """Console entry point (``sparkme-bench``)."""
-    _hydra_main()
-
-
-if __name__ == "__main__":
-    main()

@@ -14,10 +14,10 @@ import torch
 from hydra import compose, initialize_config_module
 
 import sparkme
-from sparkme.benchmarks.cli import cases_from_config, run_benchmark
 from sparkme.benchmarks.masked_dense import MaskedDenseEncoder, UnsupportedForMaskedDense
 from sparkme.benchmarks.measure import Case
 from sparkme.benchmarks.paths import dense_backbone
+from sparkme.benchmarks.suite import cases_from_config, run_benchmark
 from sparkme.benchmarks.worker import run_isolated
 
 
