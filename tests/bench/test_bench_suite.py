@@ -73,7 +73,7 @@ def test_bad_config_is_refused_before_running() -> None:
         cases_from_config(_config("measures=[epoch]"))
 
 
-def test_default_cpu_config_covers_the_issue() -> None:
+def test_default_config_covers_both_models_four_ratios_and_every_path() -> None:
     with initialize_config_module(config_module="sparkme.conf", version_base="1.3"):
         cfg = compose("bench")
     cases = cases_from_config(cfg)
