@@ -2,7 +2,7 @@
 
 Examples::
 
-    sparkme-pretrain                                   # CPU demo on built-in images (~3 min)
+    sparkme-pretrain                                   # CPU demo on built-in images (ResNet-18, 128 steps)
     sparkme-pretrain experiment=spark_resnet50 data.root=/data/imagenet/train
     sparkme-pretrain model=convnext_tiny train.epochs=2 --multirun spark.mask_ratio=0.5,0.6
     torchrun --nproc_per_node 8 -m sparkme.cli.pretrain experiment=spark_resnet50 data.root=...
