@@ -58,6 +58,27 @@ def _join_torchrun() -> None:
         logging.getLogger("sparkme").setLevel(logging.WARNING)
 
 
+def _unset(node: object, prefix: str = "") -> list[str]:
+    """Dotted names of mandatory settings still at ``???`` in a plain (unresolved) config."""
+    if isinstance(node, dict):
+        return [name for key, value in node.items() for name in _unset(value, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [name for index, value in enumerate(node) for name in _unset(value, f"{prefix}{index}.")]
+    return [prefix[:-1]] if node == "???" else []
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Refuse a config whose mandatory settings (``???``, e.g. ``data.root``) were not given."""
+    from sparkme.errors import UserError
+
+    unset = _unset(OmegaConf.to_container(cfg, resolve=False))
+    if unset:
+        raise UserError(
+            f"{', '.join(unset)} must be set: add {unset[0]}=... to the command line "
+            "(e.g. data=imagefolder data.root=/path/to/images)"
+        )
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> float | None:
     """Pretrain with a composed config into ``run_dir``; returns the last loss (for sweepers)."""
     from sparkme.cli.errors import USER_ERRORS, report_error
@@ -65,6 +86,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float | None:
     from sparkme.training.trainer import NonFiniteLossError, Trainer
 
     try:
+        check_required(cfg)
         result = Trainer(cfg, run_dir).fit()
     except (*USER_ERRORS, NonFiniteLossError, CheckpointError) as error:
         report_error("sparkme-pretrain", error, log_files=True)  # one line on stderr and in pretrain.log

@@ -224,6 +224,15 @@ def test_bad_train_settings_are_one_line_in_stderr_and_the_log(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_unset_data_root_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    err, log_text = _pretrain_error(tmp_path, monkeypatch, capsys, "data=imagefolder")
+    assert err.splitlines() == [
+        "sparkme-pretrain: error: data.root must be set: add data.root=... to the command line "
+        "(e.g. data=imagefolder data.root=/path/to/images)"
+    ]
+    assert err.strip() in log_text
+
+
 def test_folder_of_truncated_jpegs_stops_the_cli_before_training(tmp_path: Path) -> None:
     """The real command line: one line on stderr, the same line in pretrain.log, no traceback, no checkpoint."""
     from test_data import _write_undecodable_folder
