@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from engine_compare import assert_as_accurate
 
 from sparkme.engine.backends import get_backend
-from sparkme.engine.backends.gather import neighbour_plan
+from sparkme.engine.backends.neighbours import neighbour_plan
 
 SIZE = 16
 BATCH = 2

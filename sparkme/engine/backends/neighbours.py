@@ -1,0 +1,181 @@
+"""Neighbour tables of the gather backend: which input row feeds each output site through each offset.
+
+Built once from MinkowskiEngine's kernel map and cached per coordinate manager (weakly: a table
+dies with its batch's manager) and per (input map, output map, kernel, dilation), so every layer
+of a stage and the backward pass reuse it. A plan also owns the gather and its adjoint scatter,
+and shares one set of scratch buffers per manager.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import MinkowskiEngine as ME
+import torch
+
+from ..context import key_id
+
+__all__ = ["NeighbourPlan", "Scratch", "neighbour_plan"]
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class NeighbourPlan:
+    """Which input row feeds each output site through each kernel offset.
+
+    ``table[j, k]`` is the input row seen by output ``j`` through kernel offset ``k`` (ME's
+    offset order: first spatial axis fastest), or ``num_in`` (a zero row) when missing.
+    """
+
+    table: torch.Tensor  # [num_out, volume] int64
+    num_in: int
+    symmetric: bool  # stride 1, odd kernel: input-grad is the flipped-kernel convolution
+    scratch: Scratch = field(default_factory=lambda: Scratch(), repr=False)
+    kernel: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    grid: tuple[int, int, int] | None = None  # (B, H, W) of the input sites' dense grid (stride-1 plans)
+    grid_rows: torch.Tensor | None = field(default=None, repr=False)  # [num_in] flat index into B*H*W
+    _inverse: torch.Tensor | None = field(default=None, repr=False)
+    _columns: torch.Tensor | None = field(default=None, repr=False)
+    _reversed: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_out(self) -> int:
+        return self.table.shape[0]
+
+    @property
+    def volume(self) -> int:
+        return self.table.shape[1]
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """``table`` transposed and contiguous: one index vector per kernel offset."""
+        if self._columns is None:
+            self._columns = self.table.t().contiguous()
+        return self._columns
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """``[num_in, M]`` rows ``j * volume + k`` of the outputs each input feeds (``num_out * volume`` if none)."""
+        if self._inverse is None:
+            self._inverse = _invert(self.table, self.num_in)
+        return self._inverse
+
+    def padded(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` with a zero row appended (index ``len(rows)``), in scratch memory."""
+        padded = self.scratch.take("padded", (rows.shape[0] + 1, rows.shape[1]), rows)
+        padded[:-1].copy_(rows)
+        padded[-1].zero_()
+        return padded
+
+    def gather(self, rows: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """``[num_out, volume * C]``: each output's neighbour rows side by side (zeros where missing).
+
+        ``reverse``: kernel offsets in reverse order (the flipped kernel of a symmetric plan's input
+        gradient, so that the weight needs no flip). The result lives in scratch memory: consume it
+        before the next ``gather``/``scatter``.
+        """
+        table = self.table
+        if reverse:
+            if self._reversed is None:
+                self._reversed = table.flip(1).contiguous()
+            table = self._reversed
+        columns = self.scratch.take("columns", (table.numel(), rows.shape[1]), rows)
+        torch.index_select(self.padded(rows), 0, table.view(-1), out=columns)
+        return columns.view(self.num_out, -1)
+
+    def scatter(self, columns: torch.Tensor) -> torch.Tensor:
+        """Adjoint of ``gather``: sum ``[num_out * volume, C]`` rows back onto the ``num_in`` inputs."""
+        inverse = self.inverse
+        padded = self.padded(columns)
+        picked = self.scratch.take("columns", (inverse.numel(), columns.shape[1]), columns)
+        torch.index_select(padded, 0, inverse.view(-1), out=picked)
+        picked = picked.view(self.num_in, inverse.shape[1], -1)
+        return picked.sum(1) if inverse.shape[1] > 1 else picked[:, 0].clone()
+
+
+class Scratch:
+    """Reusable CPU buffers for one batch's gathers, shared by all layers on a coordinate manager.
+
+    A fresh 10-100 MB CPU tensor page-faults on every call (glibc returns big blocks to the OS),
+    which costs as much as the gather itself; CUDA's caching allocator needs no help.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor; valid until the next ``take`` of the same ``slot``."""
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        numel = shape[0] * shape[1]
+        buffer = self._buffers.get((slot, like.dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=like.dtype)
+            self._buffers[(slot, like.dtype)] = buffer
+        return buffer[:numel].view(shape)
+
+
+def _invert(table: torch.Tensor, num_in: int) -> torch.Tensor:
+    num_out, volume = table.shape
+    flat = table.view(-1)
+    valid = flat < num_in
+    source = flat[valid]
+    rows = torch.arange(flat.numel(), device=table.device)[valid]
+    order = torch.argsort(source, stable=True)
+    source, rows = source[order], rows[order]
+    counts = torch.bincount(source, minlength=num_in)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(source.numel(), device=table.device) - starts[source]
+    inverse = torch.full((num_in, width), num_out * volume, dtype=torch.long, device=table.device)
+    inverse[source, slot] = rows
+    return inverse
+
+
+def neighbour_plan(
+    x: ME.SparseTensor,
+    out_key: object,
+    kernel: tuple[int, int],
+    dilation: tuple[int, int],
+    stride: tuple[int, int],
+) -> NeighbourPlan:
+    """The (cached) neighbour table from ``x``'s coordinates to ``out_key``'s, from ME's kernel map."""
+    manager = x.coordinate_manager
+    cache = _PLANS.setdefault(manager, {"scratch": Scratch()})
+    in_key = x.coordinate_map_key
+    cache_key = (key_id(in_key), key_id(out_key), kernel, dilation, x.device)
+    plan = cache.get(cache_key)
+    if plan is None:
+        kernel_map = manager.kernel_map(
+            in_key, out_key, stride=list(stride), kernel_size=list(kernel), dilation=list(dilation)
+        )
+        num_in, num_out = manager.size(in_key), manager.size(out_key)
+        volume = kernel[0] * kernel[1]
+        table = torch.full((num_out * volume,), num_in, dtype=torch.long, device=x.device)
+        if kernel_map:  # one scatter for all offsets (few large ops: cheap on busy, few-core CPUs)
+            offsets = list(kernel_map)
+            in_out = torch.cat([kernel_map[k] for k in offsets], 1).to(device=x.device, dtype=torch.long)
+            counts = torch.tensor([kernel_map[k].shape[1] for k in offsets], device=x.device)
+            offset_of = torch.repeat_interleave(torch.tensor(offsets, device=x.device), counts)
+            table[in_out[1] * volume + offset_of] = in_out[0]
+        table = table.view(num_out, volume)
+        symmetric = stride == (1, 1) and kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and num_in == num_out
+        plan = NeighbourPlan(
+            table=table, num_in=num_in, symmetric=symmetric, scratch=cache["scratch"], kernel=kernel, dilation=dilation
+        )
+        if symmetric:
+            plan.grid, plan.grid_rows = _dense_grid(manager, in_key, x.device)
+        cache[cache_key] = plan
+    return plan
+
+
+def _dense_grid(manager: object, key: object, device: torch.device) -> tuple[tuple[int, int, int], torch.Tensor]:
+    """Where each site of ``key`` sits in a dense ``[B, H, W]`` grid at the key's own stride."""
+    coordinates = manager.get_coordinates(key).to(device=device, dtype=torch.long)
+    stride = key.get_key()[0]
+    batch, y, x = coordinates[:, 0], coordinates[:, 1] // stride[0], coordinates[:, 2] // stride[1]
+    grid = (int(batch.max()) + 1, int(y.max()) + 1, int(x.max()) + 1)
+    return grid, (batch * grid[1] + y) * grid[2] + x
