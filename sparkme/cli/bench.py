@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sparkme.benchmarks.suite import run_benchmark
+from sparkme.cli.errors import USER_ERRORS, report_error
 
 __all__ = ["main"]
 
@@ -31,7 +32,11 @@ def _hydra_main(cfg: DictConfig) -> None:
         out_dir = Path(cfg.output_dir)
     else:
         out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    run_benchmark(cfg, out_dir)
+    try:
+        run_benchmark(cfg, out_dir)
+    except USER_ERRORS as error:  # a bad setting: one line on stderr and in the run's log
+        report_error("sparkme-bench", error, log_files=True)
+        raise SystemExit(2) from None
 
 
 def main() -> None:

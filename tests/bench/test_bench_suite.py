@@ -120,6 +120,20 @@ def test_console_script_runs(tmp_path: Path) -> None:
     assert "| resnet18 | encoder | 2 | 64 | 0.6 | dense |" in (tmp_path / "results.md").read_text()
 
 
+def test_console_script_reports_a_bad_setting_in_one_line(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("sparkme-bench")
+    done = subprocess.run(
+        [str(script), "bench=smoke", "paths=[sparse-fast]", f"output_dir={tmp_path}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparkme-bench: error: unknown benchmark path 'sparse-fast'"), lines
+
+
 def test_rounds_pair_paths_in_time_and_report_medians(tmp_path: Path) -> None:
     cfg = _config("models=[resnet18]", "paths=[dense,masked-dense]", "measures=[encoder]", "rounds=3", "plot=false")
     rows = run_benchmark(cfg, tmp_path)
