@@ -83,14 +83,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> float | None:
     """Pretrain with a composed config into ``run_dir``; returns the last loss (for sweepers)."""
     from sparkme.cli.errors import USER_ERRORS, report_error
     from sparkme.training.checkpoint import CheckpointError
-    from sparkme.training.trainer import NonFiniteLossError, Trainer
+    from sparkme.training.signals import RESUMABLE_EXIT_CODE
+    from sparkme.training.trainer import DivergenceError, Trainer
 
     try:
         check_required(cfg)
         result = Trainer(cfg, run_dir).fit()
-    except (*USER_ERRORS, NonFiniteLossError, CheckpointError) as error:
+    except (*USER_ERRORS, DivergenceError, CheckpointError) as error:
         report_error("sparkme-pretrain", error, log_files=True)  # one line on stderr and in pretrain.log
         raise SystemExit(1) from None
+    if result.stopped_by is not None:  # SIGTERM/SIGINT: checkpoint saved; a requeued job resumes from it
+        raise SystemExit(RESUMABLE_EXIT_CODE)
     return result.last_loss
 
 

@@ -6,11 +6,12 @@
 
 from sparkme.training.checkpoint import CheckpointError, load_checkpoint, load_spark, save_checkpoint
 from sparkme.training.schedule import CosineSchedule
-from sparkme.training.trainer import NonFiniteLossError, Trainer, TrainResult
+from sparkme.training.trainer import DivergenceError, NonFiniteLossError, Trainer, TrainResult
 
 __all__ = [
     "CheckpointError",
     "CosineSchedule",
+    "DivergenceError",
     "NonFiniteLossError",
     "Trainer",
     "TrainResult",

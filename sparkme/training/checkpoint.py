@@ -4,7 +4,10 @@ A checkpoint ``X.pth`` is a ``torch.save`` dict (keys: ``model``, ``encoder``, `
 ``model_name``, ``spark_cfg``, ``config``, ``optimizer``, ``epoch``, ``step``, ``rng``,
 ``sparkme_version``); ``X.encoder.safetensors`` beside it holds the dense encoder with timm
 keys. Every file is written to a temporary name in the same folder, fsynced and moved into
-place with ``os.replace``, so a crash mid-write leaves the previous file intact.
+place with ``os.replace``, so a crash mid-write leaves the previous file intact. The pair is
+committed so that it never disagrees: the old safetensors goes first, then the new ``.pth``
+and its safetensors are renamed in; a kill in between leaves a ``.pth`` without safetensors,
+which :func:`restore_encoder_files` derives again from the ``.pth``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "encoder_safetensors_path",
+    "restore_encoder_files",
+    "remove_torn_writes",
     "CheckpointError",
+    "CheckpointWriteError",
 ]
 
 REQUIRED_KEYS = ("model", "model_cfg", "spark_cfg", "step", "epoch")
@@ -36,20 +42,43 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or not a sparkme checkpoint."""
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers only ever see the old or the complete new file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint (or a file derived from it) could not be written, e.g. the disk is full."""
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a fsynced temporary file beside ``path`` (removed again if writing fails)."""
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as handle:
             _write(handle, data)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers only ever see the old or the complete new file."""
+    path = Path(path)
+    tmp = _write_temp(path, data)
+    try:
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def remove_torn_writes(folder: str | os.PathLike[str]) -> None:
+    """Delete the temporary files a killed writer left in ``folder`` (only while no writer runs)."""
+    for stale in Path(folder).glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
 
 
 def _write(handle: io.BufferedWriter, data: bytes) -> None:
@@ -112,21 +141,71 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any], model_name: str | None = None) -> Path:
-    """Atomically write ``payload`` to ``path`` and its ``encoder`` state dict as safetensors beside it."""
+def _encoder_bytes(encoder: dict[str, torch.Tensor], model_name: str | None) -> bytes:
     from safetensors.torch import save as safetensors_bytes
 
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in encoder.items()}
+    return safetensors_bytes(tensors, metadata={"model_name": str(model_name or ""), "format": "timm"})
+
+
+def commit_checkpoint(path: Path, checkpoint: bytes, encoder: bytes | None) -> None:
+    """Move a serialized checkpoint and its encoder file into place without a moment of disagreement.
+
+    Both are written to temporary files first (a full disk fails here, changing nothing); then the
+    old safetensors is removed, the ``.pth`` renamed in, and the new safetensors last.
+    """
+    side = encoder_safetensors_path(path)
+    temps = [_write_temp(path, checkpoint)]
+    try:
+        if encoder is not None:
+            temps.append(_write_temp(side, encoder))
+        if side.exists():
+            side.unlink()
+            _fsync_dir(path.parent)
+        os.replace(temps[0], path)
+        _fsync_dir(path.parent)
+        if encoder is not None:
+            os.replace(temps[1], side)
+            _fsync_dir(path.parent)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    payload: dict[str, Any],
+    model_name: str | None = None,
+    copies: tuple[str | os.PathLike[str], ...] = (),
+) -> Path:
+    """Write ``payload`` to ``path`` (and to each of ``copies`` before it), each with its encoder safetensors.
+
+    The copies go first so that ``path`` (the one a resume reads) is only ever newer than they are.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     encoder = payload.get("encoder")
-    if encoder is not None:
-        tensors = {key: value.detach().cpu().contiguous().clone() for key, value in encoder.items()}
-        metadata = {"model_name": str(model_name or payload.get("model_name") or ""), "format": "timm"}
-        atomic_write_bytes(encoder_safetensors_path(path), safetensors_bytes(tensors, metadata=metadata))
+    encoder_data = _encoder_bytes(encoder, model_name or payload.get("model_name")) if encoder is not None else None
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    for target in (*map(Path, copies), path):
+        commit_checkpoint(target, data, encoder_data)
     return path
+
+
+def restore_encoder_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Derive the missing ``X.encoder.safetensors`` of each ``X.pth`` in ``folder``; returns those written."""
+    written = []
+    for pth in sorted(Path(folder).glob("*.pth")):
+        side = encoder_safetensors_path(pth)
+        if side.exists():
+            continue
+        checkpoint = load_checkpoint(pth)
+        if checkpoint.get("encoder") is not None:
+            atomic_write_bytes(side, _encoder_bytes(checkpoint["encoder"], checkpoint.get("model_name")))
+            written.append(side)
+    return written
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:

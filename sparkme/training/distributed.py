@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from sparkme.errors import UserError
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "broadcast_object", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "any_rank", "broadcast_object", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,14 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (identity when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = torch.tensor([float(flag)])
+        if dist.get_backend() == "nccl":
+            value = value.cuda()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+    return flag

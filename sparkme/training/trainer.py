@@ -6,16 +6,19 @@
 resumable: data order is a function of (seed, epoch), each sample's augmentation and each
 step's mask draw from seeds fixed by (seed, epoch/step, index), and checkpoints hold the
 optimizer, step counter and RNG states. Only rank 0 writes files.
+
+Run safety: one live process per run dir (``run.lock``); an epoch's reconstruction and
+``epoch_NNNN.pth`` are written before ``last.pth`` (the file a resume reads), so a kill at any
+instant leaves nothing a resume will not redo; SIGTERM/SIGINT finish the step, checkpoint and
+return (``TrainResult.stopped_by``); a diverging step is never saved (``guard``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sparkme.data.sampling import ResumableSampler, SeededTransformDataset, sample_seed
-from sparkme.data.transforms import denormalize, eval_transform, pretrain_transform
+from sparkme.data.transforms import pretrain_transform
 from sparkme.training.build import (
     build_spark,
     check_batch_settings,
@@ -33,33 +36,22 @@ from sparkme.training.build import (
     instantiate_unwrapped,
     model_name_of,
 )
-from sparkme.training.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from sparkme.training.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from sparkme.training.checkpoint import atomic_write_bytes, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from sparkme.training.distributed import DistInfo, all_reduce_mean, any_rank, init_distributed
+from sparkme.training.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, state_norms
+from sparkme.training.lock import RunDirLock
 from sparkme.training.metrics import MetricsLogger
 from sparkme.training.optim import apply_schedule, build_optimizer, effective_lr
+from sparkme.training.progress import RunProgress, TrainResult
+from sparkme.training.reconstructions import reconstruction_png
+from sparkme.training.resume import check_same_model, load_model_state
+from sparkme.training.rundir import saved_note, take_run_dir, write_on_rank0
 from sparkme.training.schedule import CosineSchedule
+from sparkme.training.signals import GracefulStop
 
-__all__ = ["Trainer", "TrainResult", "NonFiniteLossError"]
+__all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "DivergenceError"]
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops before the bad step touches the weights."""
-
-
-@dataclass
-class TrainResult:
-    """What a finished (or stopped) run did."""
-
-    steps: int
-    epochs_done: int
-    first_loss: float | None
-    last_loss: float | None
-    seconds: float
-    run_dir: Path
-    last_checkpoint: Path | None
-    skipped_files: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _plain(node: Any) -> Any:
@@ -124,16 +116,21 @@ class Trainer:
         self._build_optimization()
         self.model.to(self.device)
         self.step = 0
-        if self.dist.is_main:
-            for stale in self.checkpoint_dir.glob(".*.tmp-*"):  # torn writes of a killed run
-                stale.unlink(missing_ok=True)
-        self._maybe_resume()
-        self.ddp_model = self._wrap_ddp()
-        self.metrics = MetricsLogger(
-            self.run_dir / "logs" if self.dist.is_main else None,
-            tensorboard=bool(cfg.logger.get("tensorboard", False)),
-            jsonl=bool(cfg.logger.get("jsonl", False)),
-        )
+        self._saved_step: int | None = None  # the step last.pth holds, once this process knows it
+        self.guard = DivergenceGuard(self._where, self._note)
+        self.lock = RunDirLock(self.run_dir)
+        self._take_run_dir()
+        try:
+            self._maybe_resume()
+            self.ddp_model = self._wrap_ddp()
+            self.metrics = MetricsLogger(
+                self.run_dir / "logs" if self.dist.is_main else None,
+                tensorboard=bool(cfg.logger.get("tensorboard", False)),
+                jsonl=bool(cfg.logger.get("jsonl", False)),
+            )
+        except BaseException:
+            self.lock.release()
+            raise
 
     # ---------------------------------------------------------------- set-up
     def _seed_everything(self) -> None:
@@ -210,11 +207,21 @@ class Trainer:
                 f"{path} was written with {saved_spe} steps per epoch, this run has {self.steps_per_epoch}; "
                 "resume with the same data and batch settings"
             )
-        self.model.load_state_dict(checkpoint["model"])
+        check_same_model(checkpoint, _plain(self.cfg.model), path)
+        load_model_state(self.model, checkpoint["model"], path)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.step = int(checkpoint["step"])
         restore_rng(checkpoint["rng"])
+        if path.resolve() == (self.checkpoint_dir / "last.pth").resolve():
+            self._saved_step = self.step
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.step // self.steps_per_epoch)
+
+    def _take_run_dir(self) -> None:
+        """Lock the run dir (rank 0) and clear what a killed run left there."""
+        take_run_dir(self.lock, self.dist.is_main, self.checkpoint_dir, (self.run_dir / "reconstructions",))
+
+    def _where(self) -> str:
+        return f"step {self.step} (epoch {self.step // self.steps_per_epoch})"
 
     def _wrap_ddp(self) -> nn.Module:
         if not self.dist.distributed:
@@ -274,165 +281,140 @@ class Trainer:
             with sync:
                 with autocast:
                     loss, _, _ = self.ddp_model(images, generator=generator)
-                mean_loss = all_reduce_mean(loss.detach().float())
-                if not torch.isfinite(mean_loss):
-                    raise NonFiniteLossError(
-                        f"loss is {mean_loss.item()} at step {self.step} (epoch {self.step // self.steps_per_epoch}); "
-                        f"stopped before updating the weights. The last good checkpoint "
-                        f"({self.checkpoint_dir / 'last.pth'}) is intact; lower optim.base_lr, check the data, "
-                        f"or resume from it."
-                    )
+                mean_loss = all_reduce_mean(loss.detach().float()).item()
+                self.guard.check_loss(mean_loss)
                 (loss / len(micro_batches)).backward()
-            losses.append(mean_loss.item())
+            losses.append(mean_loss)
         clip = self.cfg.optim.get("clip_grad")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else math.inf)
+        self.guard.check_gradients(float(grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.guard.check_weights(self.model.parameters(), self.model.buffers())
         self.step += 1
         return sum(losses) / len(losses), float(grad_norm)
 
-    def save(self, name: str = "last.pth") -> Path | None:
-        """Rank 0 writes ``checkpoints/<name>`` (+ the dense encoder as safetensors) atomically."""
-        path = self.checkpoint_dir / name
-        if self.dist.is_main:
-            encoder = self.model.encoder
-            dense = encoder.dense_state_dict() if hasattr(encoder, "dense_state_dict") else None
-            model_cfg = _plain(self.cfg.model)
-            import sparkme
+    def _payload(self) -> dict[str, Any]:
+        import sparkme
 
-            payload = {
-                "model": self.model.state_dict(),
-                "encoder": dense,
-                "model_cfg": model_cfg,
-                "model_name": getattr(encoder, "model_name", None) or model_name_of(model_cfg),
-                "spark_cfg": _plain(self.cfg.spark),
-                "backend": self.cfg.engine.get("backend"),
-                "config": _config_yaml(self.cfg),
-                "optimizer": self.optimizer.state_dict(),
-                "epoch": self.step // self.steps_per_epoch,
-                "step": self.step,
-                "steps_per_epoch": self.steps_per_epoch,
-                "rng": capture_rng(),
-                "sparkme_version": sparkme.__version__,
-            }
-            save_checkpoint(path, payload, model_name=payload["model_name"])
-        barrier()
+        encoder = self.model.encoder
+        model_cfg = _plain(self.cfg.model)
+        return {
+            "model": self.model.state_dict(),
+            "encoder": encoder.dense_state_dict() if hasattr(encoder, "dense_state_dict") else None,
+            "model_cfg": model_cfg,
+            "model_name": getattr(encoder, "model_name", None) or model_name_of(model_cfg),
+            "spark_cfg": _plain(self.cfg.spark),
+            "backend": self.cfg.engine.get("backend"),
+            "config": _config_yaml(self.cfg),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.step // self.steps_per_epoch,
+            "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "rng": capture_rng(),
+            "sparkme_version": sparkme.__version__,
+        }
+
+    def _note(self) -> str:
+        return saved_note(self.checkpoint_dir, self._saved_step)
+
+    def save(self, name: str = "last.pth", copies: tuple[str, ...] = ()) -> Path:
+        """Rank 0 writes ``checkpoints/<name>`` (after any ``copies``), each with its encoder safetensors.
+
+        A failed write (e.g. a full disk) raises :class:`CheckpointWriteError` on every rank and
+        leaves the previous files as they were.
+        """
+        path = self.checkpoint_dir / name
+
+        def write() -> None:
+            payload = self._payload()
+            copy_paths = tuple(self.checkpoint_dir / copy for copy in copies)
+            save_checkpoint(path, payload, model_name=payload["model_name"], copies=copy_paths)
+
+        what = " and ".join(str(self.checkpoint_dir / n) for n in (*copies, name))
+        write_on_rank0(self.dist.is_main, write, what, self.checkpoint_dir, self._note)
+        if name == "last.pth":
+            self._saved_step = self.step
         return path
 
     def save_reconstructions(self, epoch: int) -> Path | None:
-        """Rank 0 writes a PNG: input, masked input and reconstruction rows for fixed images and masks."""
-        if not self.dist.is_main or not hasattr(self.model, "reconstruct"):
+        """Rank 0 writes ``reconstructions/epoch_NNNN.png`` (atomically) for fixed images and masks."""
+        if not hasattr(self.model, "reconstruct"):
             return None
-        from torchvision.utils import save_image
-
-        count = min(int(self.cfg.reconstruction.get("num_images", 8)), len(self.base_dataset))
-        transform = eval_transform(self.image_size)
-        images = torch.stack([transform(self.base_dataset[i][0]) for i in range(count)]).to(self.device)
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model.reconstruct(images, generator=generator)
-        finally:
-            self.model.train(was_training)
-        rows = [denormalize(out[key].float()) for key in ("input", "masked", "reconstruction")]
         path = self.run_dir / "reconstructions" / f"epoch_{epoch + 1:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(torch.cat(rows).cpu(), path, nrow=count, padding=2)
+        count, seed = int(self.cfg.reconstruction.get("num_images", 8)), self.seed
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            png = reconstruction_png(self.model, self.base_dataset, self.image_size, count, seed)
+            atomic_write_bytes(path, png)
+
+        write_on_rank0(self.dist.is_main, write, str(path), self.run_dir, self._note)
         return path
 
+    # ---------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
-        """Train to ``train.epochs`` (or ``train.max_steps`` optimizer steps), checkpointing as configured."""
-        from tqdm import tqdm
+        """Train to ``train.epochs`` (or ``train.max_steps`` optimizer steps), checkpointing as configured.
 
-        cfg = self.cfg
+        SIGTERM/SIGINT stop it after the current step with a checkpoint (``TrainResult.stopped_by``).
+        """
+        if not self.lock.held:  # a second fit() on the same Trainer
+            self._take_run_dir()
         if self.dist.is_main:
             log.info("sparkme pretraining\n%s", self.summary())
-        total = self.schedule.total_steps
-        max_steps = int(cfg.train.max_steps) if cfg.train.get("max_steps") else total
-        every_epochs = int(cfg.checkpoint.get("every_epochs", 0) or 0)
-        every_steps = int(cfg.checkpoint.get("every_steps", 0) or 0)
-        recon_every = int(cfg.reconstruction.get("every_epochs", 0) or 0)
-        log_every = max(1, int(cfg.logger.get("log_every_steps", 1)))
-        images_per_step = self.global_batch
-        first_loss = last_loss = None
-        last_path: Path | None = None
-        start = time.perf_counter()
-        bar = tqdm(
-            total=total,
+        max_steps = int(self.cfg.train.max_steps) if self.cfg.train.get("max_steps") else self.schedule.total_steps
+        end = min(max_steps, self.schedule.total_steps)
+        self.guard.weight_norm = state_norms(self.model.parameters(), [])[0]
+        run = RunProgress(
+            self.metrics,
+            total=self.schedule.total_steps,
             initial=self.step,
-            disable=not (self.dist.is_main and cfg.logger.get("progress_bar", True)),
-            dynamic_ncols=True,
-            desc="pretrain",
+            images_per_step=self.global_batch,
+            log_every=int(self.cfg.logger.get("log_every_steps", 1)),
+            show_bar=self.dist.is_main and bool(self.cfg.logger.get("progress_bar", True)),
         )
-        self.ddp_model.train()
-        stopped = self.step >= max_steps
         try:
-            while not stopped and self.step < total:
-                epoch, skip = divmod(self.step, self.steps_per_epoch)
-                tic = time.perf_counter()
-                for micro_batches in self._epoch_batches(epoch, skip):
-                    loss, grad_norm = self._train_step(micro_batches)
-                    toc = time.perf_counter()
-                    record = {
-                        "epoch": epoch,
-                        "step": self.step,
-                        "loss": loss,
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "weight_decay": self.optimizer.param_groups[0]["weight_decay"],
-                        "grad_norm": grad_norm,
-                        "img_per_s": images_per_step / max(toc - tic, 1e-9),
-                    }
-                    tic = toc
-                    first_loss = loss if first_loss is None else first_loss
-                    last_loss = loss
-                    if self.dist.is_main and (self.step % log_every == 0 or self.step == total):
-                        self.metrics.log(record, self.step)
-                    bar.set_postfix(
-                        epoch=epoch, loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.1f}"
-                    )
-                    bar.update(1)
-                    if every_steps and self.step % every_steps == 0:
-                        last_path = self.save()
-                    if self.step >= max_steps:
-                        stopped = True
-                        break
-                if stopped and self.step % self.steps_per_epoch:
-                    last_path = self.save()  # stopped mid-epoch: keep the position for an exact resume
-                    break
-                done = self.step // self.steps_per_epoch
-                last_path = self.save()
-                if every_epochs and done % every_epochs == 0:
-                    self.save(f"epoch_{done:04d}.pth")
-                if recon_every and (done % recon_every == 0 or done == self.epochs):
-                    self.save_reconstructions(done - 1)
-                if self.dist.is_main:
-                    log.info("epoch %d/%d done: step %d, loss %.4f", done, self.epochs, self.step, last_loss)
+            with GracefulStop() as stop:
+                self.ddp_model.train()
+                while self.step < end and run.stopped_by is None:
+                    self._run_epoch(end, stop, run)
         finally:
-            bar.close()
-            self.metrics.close()
-        seconds = time.perf_counter() - start
-        skipped = list(getattr(self.base_dataset, "skipped", []))
+            run.close()
+            self.lock.release()
+        return self._finish(run)
+
+    def _run_epoch(self, end: int, stop: GracefulStop, run: RunProgress) -> None:
+        """Steps to the end of this epoch, ``end`` or a stop signal; then the matching checkpoint."""
+        every_steps = int(self.cfg.checkpoint.get("every_steps", 0) or 0)
+        epoch, skip = divmod(self.step, self.steps_per_epoch)
+        run.epoch_started()
+        for micro_batches in self._epoch_batches(epoch, skip):
+            loss, grad_norm = self._train_step(micro_batches)
+            run.record(epoch, self.step, loss, grad_norm, self.optimizer.param_groups[0], self.dist.is_main)
+            if any_rank(stop.requested is not None):
+                run.stopped_by = stop.requested or "a signal to another rank"
+            if self.step >= end or run.stopped_by is not None:
+                break
+            if every_steps and self.step % every_steps == 0 and self.step % self.steps_per_epoch:
+                run.last_path = self.save()
+        if self.step % self.steps_per_epoch == 0:
+            run.last_path = self._end_epoch(run.last_loss)
+        else:  # stopped mid-epoch: keep the position for an exact resume
+            run.last_path = self.save()
+
+    def _end_epoch(self, last_loss: float | None) -> Path:
+        """The epoch's reconstruction and ``epoch_NNNN.pth`` first, ``last.pth`` (what a resume reads) last."""
+        done = self.step // self.steps_per_epoch
+        every_epochs = int(self.cfg.checkpoint.get("every_epochs", 0) or 0)
+        recon_every = int(self.cfg.reconstruction.get("every_epochs", 0) or 0)
+        if recon_every and (done % recon_every == 0 or done == self.epochs):
+            self.save_reconstructions(done - 1)
+        copies = (f"epoch_{done:04d}.pth",) if every_epochs and done % every_epochs == 0 else ()
+        path = self.save(copies=copies)
         if self.dist.is_main:
-            if skipped:
-                log.warning(
-                    "skipped %d unreadable files:\n  %s", len(skipped), "\n  ".join(f"{p}: {r}" for p, r in skipped)
-                )
-            log.info(
-                "finished %d steps in %.1f s; loss %s -> %s; checkpoint %s",
-                self.step,
-                seconds,
-                f"{first_loss:.4f}" if first_loss is not None else "n/a",
-                f"{last_loss:.4f}" if last_loss is not None else "n/a",
-                last_path,
-            )
-        return TrainResult(
-            steps=self.step,
-            epochs_done=self.step // self.steps_per_epoch,
-            first_loss=first_loss,
-            last_loss=last_loss,
-            seconds=seconds,
-            run_dir=self.run_dir,
-            last_checkpoint=last_path,
-            skipped_files=skipped,
-        )
+            log.info("epoch %d/%d done: step %d, loss %.4f", done, self.epochs, self.step, last_loss)
+        return path
+
+    def _finish(self, run: RunProgress) -> TrainResult:
+        skipped = list(getattr(self.base_dataset, "skipped", []))
+        return run.finish(self.step, self.steps_per_epoch, self.run_dir, skipped, self.dist.is_main)

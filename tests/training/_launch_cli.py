@@ -4,6 +4,12 @@ With ``SPARKME_TEST_STANDIN=1`` the model is the tiny stand-in instead of the co
 
 Each rank also saves its final weights to ``$SPARKME_TEST_DUMP/rank<r>.pt`` when that is set,
 so a test can check that DDP kept the ranks identical.
+
+Fault injection for the run-safety tests (test-only seams, set through the environment):
+``SPARKME_TEST_SLOW_WRITE=S`` pauses S seconds in the middle of every checkpoint file write and
+between the renames of a checkpoint commit (so random kills land inside them);
+``SPARKME_TEST_SIGNAL_AT_STEP=N:SIGTERM`` sends the process that signal once step N is done;
+``SPARKME_TEST_ENOSPC_AT_WRITE=N`` makes the N-th file write fail with ENOSPC (a full disk).
 """
 
 from __future__ import annotations
@@ -25,6 +31,50 @@ if os.environ.get("SPARKME_TEST_STANDIN") == "1":
 _fit = trainer_module.Trainer.fit
 
 
+def _install_faults() -> None:
+    import errno
+    import signal
+    import time
+
+    import sparkme.training.checkpoint as checkpoint
+
+    pause = float(os.environ.get("SPARKME_TEST_SLOW_WRITE", "0"))
+    enospc_at = int(os.environ.get("SPARKME_TEST_ENOSPC_AT_WRITE", "0"))
+    writes = [0]
+    write, fsync_dir = checkpoint._write, checkpoint._fsync_dir
+
+    def faulty_write(handle, data):  # noqa: ANN001, ANN202
+        writes[0] += 1
+        if writes[0] == enospc_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if pause:
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            time.sleep(pause)
+            return handle.write(data[len(data) // 2 :])
+        return write(handle, data)
+
+    def slow_fsync_dir(folder):  # noqa: ANN001, ANN202
+        time.sleep(pause)
+        return fsync_dir(folder)
+
+    checkpoint._write = faulty_write
+    if pause:
+        checkpoint._fsync_dir = slow_fsync_dir
+    at = os.environ.get("SPARKME_TEST_SIGNAL_AT_STEP")
+    if at:
+        step, name = at.split(":")
+        train_step = trainer_module.Trainer._train_step
+
+        def signalling_step(self, micro_batches):  # noqa: ANN001, ANN202
+            out = train_step(self, micro_batches)
+            if self.step == int(step):
+                os.kill(os.getpid(), getattr(signal, name))
+            return out
+
+        trainer_module.Trainer._train_step = signalling_step
+
+
 def _fit_and_dump(self):  # noqa: ANN001, ANN202
     result = _fit(self)
     dump = os.environ.get("SPARKME_TEST_DUMP")
@@ -34,6 +84,7 @@ def _fit_and_dump(self):  # noqa: ANN001, ANN202
 
 
 trainer_module.Trainer.fit = _fit_and_dump
+_install_faults()
 
 from sparkme.cli.pretrain import main  # noqa: E402
 

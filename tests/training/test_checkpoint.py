@@ -1,7 +1,9 @@
-"""Atomic checkpoint files: loaders, RNG capture, and a SIGKILL in the middle of a save."""
+"""Atomic checkpoint files: loaders, RNG capture, a SIGKILL in the middle of a save, and the
+.pth/.encoder.safetensors pair that never disagrees (every interruption point, a full disk)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -20,6 +22,7 @@ from sparkme.training.checkpoint import (
     capture_rng,
     encoder_safetensors_path,
     load_checkpoint,
+    restore_encoder_files,
     restore_rng,
     save_checkpoint,
 )
@@ -130,3 +133,85 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     assert set(load_file(encoder_safetensors_path(path))) == {"conv.weight"}  # complete (old or new), never torn
+
+
+class _Interrupted(BaseException):
+    """Stands for a kill: raised from a seam, never caught by the code under test."""
+
+
+def _pair_state(path: Path) -> str:
+    """'agree' (both present, equal encoders), 'no-safetensors', or 'DISAGREE'."""
+    from safetensors.torch import load_file
+
+    side = encoder_safetensors_path(path)
+    if not side.exists():
+        return "no-safetensors"
+    encoder = load_checkpoint(path)["encoder"]
+    tensors = load_file(side)
+    same = tensors.keys() == encoder.keys() and all(torch.equal(tensors[k], encoder[k]) for k in encoder)
+    return "agree" if same else "DISAGREE"
+
+
+@pytest.mark.parametrize("seam", ["_write", "_fsync_dir"])
+def test_pair_never_disagrees_whatever_call_a_kill_interrupts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seam: str
+) -> None:
+    """Interrupt the n-th write or directory sync of a save, for every n: the pair agrees or the
+    safetensors is missing (and is then derived again from the .pth, equal to its encoder)."""
+    import sparkme.training.checkpoint as checkpoint
+
+    original = getattr(checkpoint, seam)
+    outcomes = set()
+    for n in range(1, 8):
+        folder = tmp_path / f"{seam}{n}"
+        path = save_checkpoint(folder / "last.pth", _payload(1))
+        calls = [0]
+
+        def interrupt(*args, n=n, original=original, calls=calls):  # noqa: ANN002, ANN202
+            calls[0] += 1
+            if calls[0] == n:
+                raise _Interrupted
+            return original(*args)
+
+        monkeypatch.setattr(checkpoint, seam, interrupt)
+        try:
+            save_checkpoint(path, _payload(2))
+            finished = True
+        except _Interrupted:
+            finished = False
+        monkeypatch.setattr(checkpoint, seam, original)
+        state = _pair_state(path)
+        assert state in ("agree", "no-safetensors"), (seam, n, state)
+        step = load_checkpoint(path)["step"]
+        outcomes.add((step, state, finished))
+        restore_encoder_files(folder)
+        assert _pair_state(path) == "agree"
+        assert not [p for p in folder.iterdir() if ".tmp-" in p.name]
+    if seam == "_fsync_dir":  # the kill between the renames was really reached, on both sides of the .pth
+        assert {(1, "no-safetensors", False), (2, "no-safetensors", False)} <= outcomes, outcomes
+    assert (2, "agree", True) in outcomes
+
+
+def test_disk_full_during_save_keeps_the_previous_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sparkme.training.checkpoint as checkpoint
+
+    path = save_checkpoint(tmp_path / "last.pth", _payload(1), copies=(tmp_path / "epoch_0001.pth",))
+    for n in (1, 2):  # the .pth temp file, then the safetensors temp file
+
+        def full(handle, data, n=n, calls=[0]):  # noqa: ANN001, ANN202, B006
+            calls[0] += 1
+            if calls[0] == n:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return handle.write(data)
+
+        monkeypatch.setattr(checkpoint, "_write", full)
+        with pytest.raises(OSError, match="No space left"):
+            save_checkpoint(path, _payload(2))
+        monkeypatch.undo()
+        assert load_checkpoint(path)["step"] == 1 and _pair_state(path) == "agree"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "epoch_0001.encoder.safetensors",
+            "epoch_0001.pth",
+            "last.encoder.safetensors",
+            "last.pth",
+        ]

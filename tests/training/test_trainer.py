@@ -1,8 +1,9 @@
-"""The training loop as a library, on the tiny stand-in model: resume, NaN stop, bad input."""
+"""The training loop as a library, on the tiny stand-in model: resume, divergence stops, bad input."""
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from _standin import StandInSpark
 from test_data import _write_mixed_folder
 
 from sparkme.training.checkpoint import load_checkpoint
-from sparkme.training.trainer import NonFiniteLossError, Trainer
+from sparkme.training.guard import state_norms
+from sparkme.training.trainer import DivergenceError, NonFiniteLossError, Trainer
 
 
 def _trainer(run_dir: Path, *overrides: str, **model_kwargs) -> Trainer:
@@ -56,11 +58,76 @@ def test_run_writes_outputs_and_loss_falls(tmp_path: Path) -> None:
 
 def test_nan_loss_stops_with_message_and_intact_checkpoint(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, "checkpoint.every_steps=1", nan_at_call=3)
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 2.*last good checkpoint"):
+    last = tmp_path / "checkpoints" / "last.pth"
+    with pytest.raises(NonFiniteLossError, match=rf"loss is nan at step 2 .*{last} \(step 2\) is unchanged") as info:
         trainer.fit()
-    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.pth")
+    assert "\n" not in str(info.value) and "good" not in str(info.value)
+    checkpoint = load_checkpoint(last)
     assert checkpoint["step"] == 2
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_nan_loss_before_any_checkpoint_says_there_is_none(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, nan_at_call=2)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 1 .*No checkpoint has been written yet") as info:
+        trainer.fit()
+    assert "unchanged" not in str(info.value) and "intact" not in str(info.value)
+    assert not (tmp_path / "checkpoints" / "last.pth").exists()
+
+
+def test_exploding_update_is_never_saved(tmp_path: Path) -> None:
+    """A finite loss with an absurd lr: the update that blows the weights up stops the run unsaved."""
+    trainer = _trainer(tmp_path, "optim.base_lr=1e14", "checkpoint.every_steps=1", "schedule.warmup_start_ratio=0")
+    initial = state_norms(trainer.model.parameters(), [])[0]
+    last = tmp_path / "checkpoints" / "last.pth"
+    with pytest.raises(
+        DivergenceError, match=rf"blew the weights up \(global norm .* -> .*\) at step 1 .*{last} \(step 1\)"
+    ):
+        trainer.fit()  # step 0 has lr 0 (and is saved), step 1 has lr ~1e12
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.pth")
+    weights = [v for k, v in saved["model"].items() if v.is_floating_point() and "running" not in k]
+    norm = state_norms(weights, [])[0]
+    assert math.isfinite(norm) and norm < 2 * initial, (norm, initial)
+
+
+def test_non_finite_gradients_stop_before_the_update(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    calls = [0]
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return grad * float("inf") if calls[0] == 2 else grad
+
+    trainer.model.decoder.weight.register_hook(poison)
+    before = {}
+
+    def remember(module, args):  # noqa: ANN001, ANN202
+        before.update({k: v.detach().clone() for k, v in trainer.model.named_parameters()})
+
+    trainer.model.register_forward_pre_hook(remember)
+    with pytest.raises(DivergenceError, match="gradient norm is (nan|inf) at step 1 .*stopped before updating"):
+        trainer.fit()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
+
+
+def test_resume_with_another_model_is_one_clear_line(tmp_path: Path) -> None:
+    _trainer(tmp_path, "train.max_steps=1").fit()
+    with pytest.raises(
+        ValueError, match=r"written by a different model \(model.model_name: 'resnet18' -> 'resnet50'"
+    ) as info:
+        _trainer(tmp_path, "model.model_name=resnet50")
+    assert "\n" not in str(info.value)
+
+    class Wider(StandInSpark):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = torch.nn.ConvTranspose2d(16, 3, 16, 16, bias=False)
+
+    with pytest.raises(
+        ValueError, match=r"does not fit this model: weights 1 unexpected \(e.g. decoder.bias\)"
+    ) as info:
+        Trainer(tiny("logger=none"), tmp_path, model_factory=Wider)
+    assert "\n" not in str(info.value)
 
 
 def test_folder_with_bad_files_trains_and_reports_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -85,7 +152,7 @@ def test_folder_with_bad_files_trains_and_reports_them(tmp_path: Path, caplog: p
     ("overrides", "message"),
     [
         (["data.image_size=40"], "not a multiple of the encoder's total stride 16"),
-        (["data.image_size=16"], "at least one must be hidden and one visible"),
+        (["data.image_size=16"], "at least one patch must be hidden and one visible"),
         (["spark.mask_ratio=1.2"], "mask_ratio must lie strictly between 0 and 1"),
         (["train.batch_size=64"], "fewer than one global batch"),
     ],
