@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from sparkme.data.sampling import ResumableSampler, SeededTransformDataset, sample_seed
 from sparkme.data.transforms import pretrain_transform
+from sparkme.training.amp import step_autocast
 from sparkme.training.build import (
     build_spark,
     check_batch_settings,
@@ -265,9 +266,7 @@ class Trainer:
     def _train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
         """One optimizer step over ``accum_steps`` micro-batches; returns (mean loss, grad norm)."""
         apply_schedule(self.optimizer, self.schedule.lr(self.step), self.schedule.wd(self.step))
-        autocast = torch.autocast(
-            "cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and bool(self.cfg.train.amp)
-        )
+        autocast = step_autocast(self.device, self.cfg.train.amp)
         losses = []
         for i, images in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)
