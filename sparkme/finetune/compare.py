@@ -5,19 +5,14 @@ Eight ``sparkme-finetune --mode linear`` runs would compute the same trunk featu
 this renders the demo images once and runs each trunk (the pretrained one, and one random init
 per seed, seeded exactly as ``run_finetune`` seeds it) once per BatchNorm setting, taking the
 last-stage features as the last block of the all-stage ones. Probe heads are trained with the
-same ``train_linear_probe`` and seeds as the CLI.
-
-python -m sparkme.finetune.compare --weights RUN/checkpoints/last.pth --seeds 0 1 2 --out probe.json
+same ``train_linear_probe`` and seeds as the CLI. Command line: ``python -m sparkme.cli.compare_probes``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +43,38 @@ def _trunk_features(model: torch.nn.Module, train: Dataset, val: Dataset, batch_
             extract_features(model, val, batch_size, "stages"),
         )
     return out
+
+
+def _probe_rows(
+    trunks: dict[str, dict[int, dict[bool, tuple]]],
+    seeds: Sequence[int],
+    last_width: int,
+    num_classes: int,
+    probe: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One row per (init, features, recalibration): a linear probe per seed on the cached features."""
+    rows = []
+    for init, per_seed in trunks.items():
+        for features in ("last", "stages"):
+            for recalibrate in (False, True):
+                top1 = []
+                for seed in seeds:
+                    (train_x, train_y), (val_x, val_y) = per_seed[seed][recalibrate]
+                    if features == "last":  # the last stage is the last block of the all-stage features
+                        train_x, val_x = train_x[:, -last_width:], val_x[:, -last_width:]
+                    metrics = train_linear_probe((train_x, train_y), (val_x, val_y), num_classes, seed=seed, **probe)
+                    top1.append(round(metrics["top1"], 2))
+                rows.append(
+                    {
+                        "init": init,
+                        "features": features,
+                        "bn_recalibrate": recalibrate,
+                        "top1": top1,
+                        "top1_mean": statistics.fmean(top1),
+                        "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                    }
+                )
+    return rows
 
 
 def compare_probes(
@@ -83,65 +110,9 @@ def compare_probes(
         model = build_classifier(model_name, splits.num_classes, None)
         trunks["random"][seed] = _trunk_features(model, train, val, batch_size)
         seconds[f"random_trunk_seed{seed}"] = round(time.perf_counter() - started, 1)
-    last_width = model.num_features
-    rows = []
-    for init, per_seed in trunks.items():
-        for features in ("last", "stages"):
-            for recalibrate in (False, True):
-                top1 = []
-                for seed in seeds:
-                    (train_x, train_y), (val_x, val_y) = per_seed[seed][recalibrate]
-                    if features == "last":
-                        train_x, val_x = train_x[:, -last_width:], val_x[:, -last_width:]
-                    metrics = train_linear_probe(
-                        (train_x, train_y), (val_x, val_y), splits.num_classes,
-                        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                    )  # fmt: skip
-                    top1.append(round(metrics["top1"], 2))
-                rows.append(
-                    {
-                        "init": init,
-                        "features": features,
-                        "bn_recalibrate": recalibrate,
-                        "top1": top1,
-                        "top1_mean": statistics.fmean(top1),
-                        "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-                    }
-                )
+    probe = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size)
+    rows = _probe_rows(trunks, seeds, model.num_features, splits.num_classes, probe)
     config = dict(weights=weights, model=model_name, seeds=list(seeds), train_size=train_size, val_size=val_size,
                   image_size=image_size, data_seed=data_seed, epochs=epochs, lr=lr, weight_decay=weight_decay,
                   batch_size=batch_size)  # fmt: skip
     return {"config": config, "rows": rows, "seconds": seconds}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-size", type=int, default=1500)
-    parser.add_argument("--val-size", type=int, default=500)
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument(
-        "--data-seed", type=int, default=1000, help="demo seed of the probe's training images (held-out: seed + 1)"
-    )
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    results = compare_probes(
-        args.weights, args.seeds, model_name=args.model, train_size=args.train_size, val_size=args.val_size,
-        image_size=args.image_size, weight_decay=args.weight_decay, data_seed=args.data_seed,
-    )  # fmt: skip
-    for row in results["rows"]:
-        print(
-            f"{row['init']:10s} {row['features']:6s} recal={row['bn_recalibrate']!s:5s} "
-            f"{row['top1_mean']:.1f} +- {row['top1_std']:.1f}  {row['top1']}"
-        )
-    print(results["seconds"])
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -77,6 +77,49 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _linear_metrics(
+    cfg: FinetuneConfig, model: torch.nn.Module, splits: LabelledSplits, seed: int, cached: tuple | None
+) -> tuple[dict[str, float], tuple | None]:
+    """A linear probe on the trunk's features; returns its metrics and the features to reuse (a
+    frozen pretrained trunk gives the same features for every seed; a random init does not)."""
+    if cached is None:
+        if cfg.bn_recalibrate:
+            recalibrate_batchnorm(model, splits.train, cfg.batch_size)
+        features = extract_features(model, splits.train, cfg.batch_size, cfg.features)
+        val_features = extract_features(model, splits.val, cfg.batch_size, cfg.features)
+        cached = (features, val_features) if cfg.weights is not None else None
+    else:
+        features, val_features = cached
+    metrics = train_linear_probe(
+        features,
+        val_features,
+        splits.num_classes,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        seed=seed,
+    )
+    return metrics, cached
+
+
+def _finetune_metrics(cfg: FinetuneConfig, model: torch.nn.Module, splits: LabelledSplits, seed: int) -> dict:
+    return finetune(
+        model,
+        splits.train,
+        splits.val,
+        splits.num_classes,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        layer_decay=cfg.layer_decay,
+        batch_size=cfg.batch_size,
+        mixup=cfg.mixup,
+        warmup_epochs=cfg.warmup_epochs,
+        seed=seed,
+    )
+
+
 def run_finetune(cfg: FinetuneConfig, out: str | Path | None = None) -> dict[str, Any]:
     """Run every seed; returns (and writes to ``out`` as JSON) per-seed and mean/std top-1.
 
@@ -88,46 +131,15 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path | None = None) -> dict[str
     model_name = resolve_model_name(cfg.weights, cfg.model)
     splits = _splits(cfg)
     runs = []
-    cached: tuple | None = None  # frozen pretrained trunk: features are the same for every seed
+    cached: tuple | None = None
     for seed in cfg.seeds:
         started = time.perf_counter()
         _seed_everything(seed)
         model = build_classifier(model_name, splits.num_classes, cfg.weights)
         if cfg.mode == "linear":
-            if cached is None:
-                if cfg.bn_recalibrate:
-                    recalibrate_batchnorm(model, splits.train, cfg.batch_size)
-                features = extract_features(model, splits.train, cfg.batch_size, cfg.features)
-                val_features = extract_features(model, splits.val, cfg.batch_size, cfg.features)
-                if cfg.weights is not None:
-                    cached = (features, val_features)
-            else:
-                features, val_features = cached
-            metrics = train_linear_probe(
-                features,
-                val_features,
-                splits.num_classes,
-                epochs=cfg.epochs,
-                lr=cfg.lr,
-                weight_decay=cfg.weight_decay,
-                batch_size=cfg.batch_size,
-                seed=seed,
-            )
+            metrics, cached = _linear_metrics(cfg, model, splits, seed, cached)
         else:
-            metrics = finetune(
-                model,
-                splits.train,
-                splits.val,
-                splits.num_classes,
-                epochs=cfg.epochs,
-                lr=cfg.lr,
-                weight_decay=cfg.weight_decay,
-                layer_decay=cfg.layer_decay,
-                batch_size=cfg.batch_size,
-                mixup=cfg.mixup,
-                warmup_epochs=cfg.warmup_epochs,
-                seed=seed,
-            )
+            metrics = _finetune_metrics(cfg, model, splits, seed)
         runs.append({"seed": seed, **metrics, "seconds": round(time.perf_counter() - started, 1)})
     top1 = [run["top1"] for run in runs]
     results = {

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from timm.scheduler import CosineLRScheduler
 
 __all__ = ["evaluate", "finetune"]
 
@@ -20,6 +24,22 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int) -> float:
         correct += (model(images).argmax(1) == torch.as_tensor(labels)).sum().item()
         total += len(images)
     return 100 * correct / total
+
+
+def _warmup_cosine(
+    optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int
+) -> CosineLRScheduler:
+    """timm's per-step cosine schedule from ``lr``/1000 through a linear warmup down to ``lr``/1000."""
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=total_steps,
+        warmup_t=min(warmup_steps, max(total_steps - 1, 0)),
+        warmup_lr_init=lr * 1e-3,
+        lr_min=lr * 1e-3,
+        t_in_epochs=False,
+    )
 
 
 def finetune(
@@ -46,7 +66,6 @@ def finetune(
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
 
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator, drop_last=mixup)
@@ -55,15 +74,7 @@ def finetune(
             f"batch size {batch_size} is larger than the {len(train)} training images (mixup drops partial batches)"
         )
     optimizer = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay)
-    total_steps = epochs * len(loader)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=total_steps,
-        warmup_t=min(warmup_epochs * len(loader), max(total_steps - 1, 0)),
-        warmup_lr_init=lr * 1e-3,
-        lr_min=lr * 1e-3,
-        t_in_epochs=False,
-    )
+    scheduler = _warmup_cosine(optimizer, lr, epochs * len(loader), warmup_epochs * len(loader))
     mixer = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=num_classes) if mixup else None
     criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss()
     step = 0

@@ -191,6 +191,17 @@ def test_compare_probes_matches_the_cli_runs(resnet18, tmp_path):
         assert rows["pretrained" if weights else "random", features, recalibrate] == [expected]
 
 
+def test_compare_probes_command_line_writes_the_json(resnet18, tmp_path, capsys):
+    from sparkme.cli.compare_probes import main as compare_main
+
+    path = save_export(convert(resnet18.state_dict(), "resnet18", "safetensors"), tmp_path / "w.safetensors")
+    args = ["--weights", str(path), "--seeds", "0", "--train-size", "16", "--val-size", "8", "--image-size", "32"]
+    assert compare_main([*args, "--out", str(tmp_path / "probe.json")]) == 0
+    results = json.loads((tmp_path / "probe.json").read_text())
+    assert results["config"]["train_size"] == 16 and len(results["rows"]) == 8
+    assert capsys.readouterr().out.count("recal=") == 8
+
+
 def test_single_class_is_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "data" / "cats").mkdir(parents=True)
     for index in range(4):
