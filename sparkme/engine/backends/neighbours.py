@@ -103,12 +103,14 @@ class Scratch:
     which costs as much as the gather itself; CUDA's caching allocator needs no help.
     """
 
+    pooled_devices: tuple[str, ...] = ("cpu",)  # elsewhere (CUDA) every take is a fresh allocation
+
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def take(self, slot: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         """An uninitialised ``shape`` tensor; valid until the next ``take`` of the same ``slot``."""
-        if like.device.type != "cpu":
+        if like.device.type not in self.pooled_devices:
             return torch.empty(shape, dtype=like.dtype, device=like.device)
         numel = shape[0] * shape[1]
         buffer = self._buffers.get((slot, like.dtype))
