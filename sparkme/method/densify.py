@@ -78,6 +78,14 @@ class Densify(nn.Module):
                 f"{tuple(visible.shape)}; the encoder's feature_strides must describe its outputs"
             )
         sites = features.permute(0, 2, 3, 1)
+        scattered = self._normalized_active_sites(index, sites, visible)
+        token = self.mask_tokens[index].to(scattered.dtype)
+        dense = torch.where(visible.unsqueeze(-1), scattered, token)
+        return dense.permute(0, 3, 1, 2).contiguous()
+
+    @torch.compiler.disable  # a data-dependent number of rows: torch.compile runs it eagerly
+    def _normalized_active_sites(self, index: int, sites: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """``sites`` ``[B, H, W, C]`` with the visible rows normalized (statistics over them only), zeros elsewhere."""
         active = sites[visible]
         if self.training and self.norm_kind == "bn" and active.shape[0] < 2:
             raise ValueError(
@@ -85,10 +93,7 @@ class Densify(nn.Module):
                 f"least 2 in training: use a larger batch or images, or a lower mask_ratio"
             )
         active = self.norms[index](active)
-        scattered = sites.new_zeros(batch, height, width, channels).index_put((visible,), active)
-        token = self.mask_tokens[index].to(scattered.dtype)
-        dense = torch.where(visible.unsqueeze(-1), scattered, token)
-        return dense.permute(0, 3, 1, 2).contiguous()
+        return sites.new_zeros(*sites.shape[:3], active.shape[-1]).index_put((visible,), active)
 
     def forward(self, features: list[torch.Tensor], visible: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(features) != len(self.projections) or len(visible) != len(self.projections):
@@ -96,7 +101,7 @@ class Densify(nn.Module):
                 f"expected {len(self.projections)} scales, got {len(features)} feature maps "
                 f"and {len(visible)} visible maps"
             )
-        return [
-            projection(self.densify_scale(i, feats, vis))
-            for i, (projection, feats, vis) in enumerate(zip(self.projections, features, visible))
-        ]
+        out = []  # a loop, not a comprehension: torch.compile resumes after the eager part of each scale
+        for i, (projection, feats, vis) in enumerate(zip(self.projections, features, visible)):
+            out.append(projection(self.densify_scale(i, feats, vis)))
+        return out

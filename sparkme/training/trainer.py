@@ -225,6 +225,10 @@ class Trainer:
         return f"step {self.step} (epoch {self.step // self.steps_per_epoch})"
 
     def _wrap_ddp(self) -> nn.Module:
+        """The module the loop calls: compiled in place with ``train.compile`` (the sparse encoder stays
+        eager; the state dict keeps its keys), wrapped in DDP on several ranks."""
+        if self.cfg.train.get("compile", False):
+            self.model.compile()
         if not self.dist.distributed:
             return self.model
         return nn.parallel.DistributedDataParallel(
