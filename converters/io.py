@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from sparkme.training.checkpoint import atomic_write_bytes
+from sparkme.atomic import atomic_write_bytes
 
 from .base import Export
 

@@ -1,10 +1,10 @@
-"""Checkpoints: atomic writes, RNG capture, dense-encoder safetensors, and loaders.
+"""Checkpoints: what a run saves (model, optimizer, RNG, dense-encoder safetensors) and the loaders.
 
 A checkpoint ``X.pth`` is a ``torch.save`` dict (keys: ``model``, ``encoder``, ``model_cfg``,
 ``model_name``, ``spark_cfg``, ``config``, ``optimizer``, ``epoch``, ``step``, ``rng``,
 ``sparkme_version``); ``X.encoder.safetensors`` beside it holds the dense encoder with timm
-keys. Every file is written to a temporary name in the same folder, fsynced and moved into
-place with ``os.replace``, so a crash mid-write leaves the previous file intact. The pair is
+keys. Every file is written atomically (:mod:`sparkme.atomic`), so a crash mid-write leaves the
+previous file intact. The pair is
 committed so that it never disagrees: the old safetensors goes first, then the new ``.pth``
 and its safetensors are renamed in; a kill in between leaves a ``.pth`` without safetensors,
 which :func:`restore_encoder_files` derives again from the ``.pth``.
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparkme.atomic import atomic_write_bytes, sync_dir, write_temp
+
 __all__ = [
-    "atomic_write_bytes",
     "save_checkpoint",
     "load_checkpoint",
     "load_spark",
@@ -30,7 +31,6 @@ __all__ = [
     "restore_rng",
     "encoder_safetensors_path",
     "restore_encoder_files",
-    "remove_torn_writes",
     "CheckpointError",
     "CheckpointWriteError",
 ]
@@ -44,57 +44,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWriteError(CheckpointError):
     """A checkpoint (or a file derived from it) could not be written, e.g. the disk is full."""
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _write_temp(path: Path, data: bytes) -> Path:
-    """``data`` in a fsynced temporary file beside ``path`` (removed again if writing fails)."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            _write(handle, data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers only ever see the old or the complete new file."""
-    path = Path(path)
-    tmp = _write_temp(path, data)
-    try:
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def remove_torn_writes(folder: str | os.PathLike[str]) -> None:
-    """Delete the temporary files a killed writer left in ``folder`` (only while no writer runs)."""
-    for stale in Path(folder).glob(".*.tmp-*"):
-        stale.unlink(missing_ok=True)
-
-
-def _write(handle: io.BufferedWriter, data: bytes) -> None:
-    """The raw write (a seam tests use to simulate a kill halfway through a save)."""
-    handle.write(data)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def encoder_safetensors_path(path: str | os.PathLike[str]) -> Path:
@@ -155,18 +104,18 @@ def commit_checkpoint(path: Path, checkpoint: bytes, encoder: bytes | None) -> N
     old safetensors is removed, the ``.pth`` renamed in, and the new safetensors last.
     """
     side = encoder_safetensors_path(path)
-    temps = [_write_temp(path, checkpoint)]
+    temps = [write_temp(path, checkpoint)]
     try:
         if encoder is not None:
-            temps.append(_write_temp(side, encoder))
+            temps.append(write_temp(side, encoder))
         if side.exists():
             side.unlink()
-            _fsync_dir(path.parent)
+            sync_dir(path.parent)
         os.replace(temps[0], path)
-        _fsync_dir(path.parent)
+        sync_dir(path.parent)
         if encoder is not None:
             os.replace(temps[1], side)
-            _fsync_dir(path.parent)
+            sync_dir(path.parent)
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

@@ -13,12 +13,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from sparkme.training.checkpoint import (
-    CheckpointError,
-    CheckpointWriteError,
-    remove_torn_writes,
-    restore_encoder_files,
-)
+from sparkme.atomic import remove_torn_writes
+from sparkme.training.checkpoint import CheckpointError, CheckpointWriteError, restore_encoder_files
 from sparkme.training.distributed import broadcast_object
 from sparkme.training.lock import RunDirLock, RunDirLockedError
 

@@ -36,12 +36,12 @@ def _install_faults() -> None:
     import signal
     import time
 
-    import sparkme.training.checkpoint as checkpoint
+    import sparkme.atomic as atomic
 
     pause = float(os.environ.get("SPARKME_TEST_SLOW_WRITE", "0"))
     enospc_at = int(os.environ.get("SPARKME_TEST_ENOSPC_AT_WRITE", "0"))
     writes = [0]
-    write, fsync_dir = checkpoint._write, checkpoint._fsync_dir
+    write, fsync_dir = atomic._write, atomic._fsync_dir
 
     def faulty_write(handle, data):  # noqa: ANN001, ANN202
         writes[0] += 1
@@ -58,9 +58,9 @@ def _install_faults() -> None:
         time.sleep(pause)
         return fsync_dir(folder)
 
-    checkpoint._write = faulty_write
+    atomic._write = faulty_write
     if pause:
-        checkpoint._fsync_dir = slow_fsync_dir
+        atomic._fsync_dir = slow_fsync_dir
     at = os.environ.get("SPARKME_TEST_SIGNAL_AT_STEP")
     if at:
         step, name = at.split(":")

@@ -89,12 +89,13 @@ KILLED_WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import torch
+    import sparkme.atomic as atomic
     import sparkme.training.checkpoint as checkpoint
 
     path, marker = Path(sys.argv[1]), Path(sys.argv[2])
     payload = torch.load(sys.argv[3], weights_only=True)
 
-    normal_write = checkpoint._write
+    normal_write = atomic._write
 
     def slow_write(handle, data):
         if ".pth.tmp-" not in handle.name:  # the safetensors file is written normally
@@ -104,7 +105,7 @@ KILLED_WRITER = textwrap.dedent(
         marker.write_text("half written")
         time.sleep(120)
 
-    checkpoint._write = slow_write
+    atomic._write = slow_write
     checkpoint.save_checkpoint(path, payload)
     """
 )
@@ -158,9 +159,9 @@ def test_pair_never_disagrees_whatever_call_a_kill_interrupts(
 ) -> None:
     """Interrupt the n-th write or directory sync of a save, for every n: the pair agrees or the
     safetensors is missing (and is then derived again from the .pth, equal to its encoder)."""
-    import sparkme.training.checkpoint as checkpoint
+    import sparkme.atomic as atomic
 
-    original = getattr(checkpoint, seam)
+    original = getattr(atomic, seam)
     outcomes = set()
     for n in range(1, 8):
         folder = tmp_path / f"{seam}{n}"
@@ -173,13 +174,13 @@ def test_pair_never_disagrees_whatever_call_a_kill_interrupts(
                 raise _Interrupted
             return original(*args)
 
-        monkeypatch.setattr(checkpoint, seam, interrupt)
+        monkeypatch.setattr(atomic, seam, interrupt)
         try:
             save_checkpoint(path, _payload(2))
             finished = True
         except _Interrupted:
             finished = False
-        monkeypatch.setattr(checkpoint, seam, original)
+        monkeypatch.setattr(atomic, seam, original)
         state = _pair_state(path)
         assert state in ("agree", "no-safetensors"), (seam, n, state)
         step = load_checkpoint(path)["step"]
@@ -193,7 +194,7 @@ def test_pair_never_disagrees_whatever_call_a_kill_interrupts(
 
 
 def test_disk_full_during_save_keeps_the_previous_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sparkme.training.checkpoint as checkpoint
+    import sparkme.atomic as atomic
 
     path = save_checkpoint(tmp_path / "last.pth", _payload(1), copies=(tmp_path / "epoch_0001.pth",))
     for n in (1, 2):  # the .pth temp file, then the safetensors temp file
@@ -204,7 +205,7 @@ def test_disk_full_during_save_keeps_the_previous_pair(tmp_path: Path, monkeypat
                 raise OSError(errno.ENOSPC, "No space left on device")
             return handle.write(data)
 
-        monkeypatch.setattr(checkpoint, "_write", full)
+        monkeypatch.setattr(atomic, "_write", full)
         with pytest.raises(OSError, match="No space left"):
             save_checkpoint(path, _payload(2))
         monkeypatch.undo()

@@ -77,7 +77,7 @@ def test_a_second_signal_acts_as_usual() -> None:
 
 
 def test_disk_full_is_one_message_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sparkme.training.checkpoint as checkpoint
+    import sparkme.atomic as atomic
 
     trainer = _trainer(tmp_path, "checkpoint.every_steps=1", "reconstruction.every_epochs=0")
     calls = [0]
@@ -88,7 +88,7 @@ def test_disk_full_is_one_message_and_keeps_the_checkpoint(tmp_path: Path, monke
             raise OSError(errno.ENOSPC, "No space left on device")
         return handle.write(data)
 
-    monkeypatch.setattr(checkpoint, "_write", full_after_two_saves)
+    monkeypatch.setattr(atomic, "_write", full_after_two_saves)
     last = tmp_path / "checkpoints" / "last.pth"
     with pytest.raises(
         CheckpointWriteError,
@@ -143,11 +143,11 @@ def test_a_kill_inside_any_epoch_end_write_is_redone_by_the_resume(
     last.pth, their safetensors), resume: every epoch's files exist, agree and match a straight run."""
     from safetensors.torch import load_file
 
-    import sparkme.training.checkpoint as checkpoint
+    import sparkme.atomic as atomic
 
     straight = _trainer(tmp_path / "straight")
     straight.fit()
-    original = getattr(checkpoint, seam)
+    original = getattr(atomic, seam)
     for n in range(1, calls + 1):
         run_dir, count = tmp_path / f"n{n}", [0]
 
@@ -157,10 +157,10 @@ def test_a_kill_inside_any_epoch_end_write_is_redone_by_the_resume(
                 raise _Killed
             return original(*args)
 
-        monkeypatch.setattr(checkpoint, seam, killed_at_n)
+        monkeypatch.setattr(atomic, seam, killed_at_n)
         with pytest.raises(_Killed):
             _trainer(run_dir).fit()
-        monkeypatch.setattr(checkpoint, seam, original)
+        monkeypatch.setattr(atomic, seam, original)
         resumed = _trainer(run_dir)
         resumed.fit()
         _assert_bitwise(_weights(resumed), _weights(straight))
