@@ -43,15 +43,12 @@ def _register_resolvers() -> None:
 def _join_torchrun() -> None:
     """Under torchrun: join the process group before Hydra starts, agree on rank 0's start time,
     and keep the other ranks from writing Hydra's own files into the shared run dir."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch
     import torch.distributed as dist
 
-    from sparkme.training.distributed import broadcast_object
+    from sparkme.training.distributed import broadcast_object, join_process_group
 
-    if not dist.is_initialized():
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if not join_process_group():
+        return
     os.environ[_RUN_TIME_ENV] = repr(broadcast_object(_run_time()))
     if dist.get_rank() != 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]

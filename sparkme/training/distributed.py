@@ -10,7 +10,15 @@ import torch.distributed as dist
 
 from sparkme.errors import UserError
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "any_rank", "broadcast_object", "barrier"]
+__all__ = [
+    "DistInfo",
+    "join_process_group",
+    "init_distributed",
+    "all_reduce_mean",
+    "any_rank",
+    "broadcast_object",
+    "barrier",
+]
 
 
 @dataclass(frozen=True)
@@ -50,16 +58,29 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return target
 
 
+def join_process_group() -> bool:
+    """Join torchrun's process group once, when ``WORLD_SIZE`` > 1; returns whether there is one.
+
+    The one place a process group is made: gloo for CPU tensors, plus nccl for CUDA tensors when a
+    GPU is visible (so CPU collectives such as :func:`broadcast_object` work on GPU runs too).
+    ``sparkme-pretrain`` calls it before Hydra starts, :func:`init_distributed` for library use.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl on GPU, gloo on CPU)."""
+    """Rank, world size and device of this process; joins the torchrun process group (:func:`join_process_group`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     target = _pick_device(device, local_rank)
     if target.type == "cuda":
         torch.cuda.set_device(target)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+    join_process_group()
     return DistInfo(rank, world_size, local_rank, target)
 
 
