@@ -130,7 +130,7 @@ class Trainer:
                 jsonl=bool(cfg.logger.get("jsonl", False)),
             )
         except BaseException:
-            self.lock.release()
+            self._release_run_dir()
             raise
 
     # ---------------------------------------------------------------- set-up
@@ -218,8 +218,13 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.step // self.steps_per_epoch)
 
     def _take_run_dir(self) -> None:
-        """Lock the run dir (rank 0) and clear what a killed run left there."""
+        """Lock the run dir (rank 0) and clear what a killed run left there (every rank takes part)."""
         take_run_dir(self.lock, self.dist.is_main, self.checkpoint_dir, (self.run_dir / "reconstructions",))
+        self._holds_run_dir = True
+
+    def _release_run_dir(self) -> None:
+        self.lock.release()
+        self._holds_run_dir = False
 
     def _where(self) -> str:
         return f"step {self.step} (epoch {self.step // self.steps_per_epoch})"
@@ -361,7 +366,7 @@ class Trainer:
 
         SIGTERM/SIGINT stop it after the current step with a checkpoint (``TrainResult.stopped_by``).
         """
-        if not self.lock.held:  # a second fit() on the same Trainer
+        if not self._holds_run_dir:  # a second fit() on the same Trainer
             self._take_run_dir()
         if self.dist.is_main:
             log.info("sparkme pretraining\n%s", self.summary())
@@ -383,7 +388,7 @@ class Trainer:
                     self._run_epoch(end, stop, run)
         finally:
             run.close()
-            self.lock.release()
+            self._release_run_dir()
         return self._finish(run)
 
     def _run_epoch(self, end: int, stop: GracefulStop, run: RunProgress) -> None:

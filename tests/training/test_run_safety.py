@@ -311,3 +311,54 @@ def test_sigkill_at_random_instants_loses_nothing(tmp_path: Path) -> None:
     assert code == 0, output[-3000:]
     _check_schedule(run_dir, tmp_path / "reference", epochs=4)
     _assert_bitwise(torch.load(dump / "rank0.pt"), expected)
+
+
+def _torchrun(run_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launcher, str(HERE / "_launch_cli.py"), *TINY, *CLI_RUN, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(command, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return int(pid)
+    raise AssertionError(f"no rank {rank} worker under {launcher.pid}")
+
+
+@pytest.mark.slow
+def test_torchrun_lock_and_sigterm_to_one_rank(tmp_path: Path) -> None:
+    """2 gloo ranks: a second launch on the live run dir is refused by both its ranks; SIGTERM to
+    rank 1 alone stops both ranks at the same step with a checkpoint (exit 75); the resume is exact."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    for folder in ("dump_ref", "dump"):
+        (tmp_path / folder).mkdir()
+    done = _torchrun(reference, _env(SPARKME_TEST_DUMP=str(tmp_path / "dump_ref")))
+    output = done.communicate(timeout=300)[0]
+    assert done.returncode == 0, output[-3000:]
+    first = _torchrun(run_dir, _env(SPARKME_TEST_SLOW_WRITE="0.3"))
+    try:
+        assert _wait_for_log(run_dir, first, "epoch 1/4 done")
+        second = _torchrun(run_dir, _env())
+        output = second.communicate(timeout=300)[0]
+        refusals = [line for line in output.splitlines() if "error: run dir" in line]
+        assert second.returncode != 0 and len(refusals) == 2 and "is in use by another" in refusals[0], output[-3000:]
+        os.kill(_rank_pid(first, 1), signal.SIGTERM)
+        output = first.communicate(timeout=300)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert output.count("exitcode  : 75") == 2, output[-3000:]
+    log = (run_dir / "pretrain.log").read_text()
+    stopped = [line for line in log.splitlines() if "stopped by a signal to another rank after step" in line]
+    assert len(stopped) == 1, log[-3000:]
+    step = int(stopped[0].split("after step ")[1].split(" ")[0])
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pth")["step"] == step < 12
+    resumed = _torchrun(run_dir, _env(SPARKME_TEST_DUMP=str(tmp_path / "dump")))
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    for rank in (0, 1):
+        _assert_bitwise(
+            torch.load(tmp_path / "dump" / f"rank{rank}.pt"), torch.load(tmp_path / "dump_ref" / "rank0.pt")
+        )
