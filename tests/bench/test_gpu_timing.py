@@ -92,3 +92,14 @@ def test_cpu_runs_never_touch_cuda(monkeypatch):
     monkeypatch.setattr(measure, "_build_step", lambda case, device: lambda: None)
     row = run_case(CASE)
     assert row["memory_method"].startswith("cpu")
+
+
+@pytest.mark.gpu
+def test_a_real_gpu_case_reports_cuda_memory():
+    case = Case(
+        model="resnet18", path="sparse-gather-bf16", measure="step", batch=2, resolution=64, mask_ratio=0.6,
+        device="cuda", warmup=1, iters=2, decoder_width=32,
+    )  # fmt: skip
+    row = run_case(case)
+    assert row["error"] is None and row["ms"] > 0 and len(row["ms_all"]) == 2
+    assert row["memory_method"] == "cuda max_memory_allocated" and row["peak_mib"] > 0

@@ -158,3 +158,32 @@ def test_a_gpu_checkpoint_resumes_without_cuda_and_a_cpu_one_on_a_gpu(monkeypatc
     torch.manual_seed(0)
     checkpoint.restore_rng(_through_a_checkpoint_file(checkpoint.capture_rng()))
     assert torch.equal(torch.rand(3), expected)
+
+
+# ---- the same paths on a real GPU (``pytest -m gpu``; skipped without CUDA) --------------------------
+
+
+@pytest.mark.gpu
+def test_amp_step_on_cuda_runs_bf16_and_keeps_fp32_state(tmp_path: Path) -> None:
+    from _helpers import TINY, compose
+
+    overrides = [o for o in TINY if not o.startswith("train.device")]
+    cfg = compose([*overrides, *REAL_SPARSE, "train.device=cuda", "train.amp=true"])
+    trainer = Trainer(cfg, tmp_path)
+    encoder_out: set[torch.dtype] = set()
+    trainer.model.encoder.register_forward_hook(lambda m, i, out: encoder_out.update(f.dtype for f in out))
+    result = trainer.fit()
+    assert result.steps == 1 and math.isfinite(result.last_loss)
+    assert trainer.device.type == "cuda" and encoder_out == {torch.bfloat16}
+    for name, param in trainer.model.named_parameters():
+        assert param.is_cuda and param.dtype == torch.float32 and torch.isfinite(param).all(), name
+
+
+@pytest.mark.gpu
+def test_cuda_rng_state_round_trips_through_a_checkpoint() -> None:
+    torch.cuda.manual_seed_all(7)
+    state = _through_a_checkpoint_file(checkpoint.capture_rng())
+    expected = torch.rand(5, device="cuda")
+    torch.cuda.manual_seed_all(8)
+    checkpoint.restore_rng(state)
+    assert torch.equal(torch.rand(5, device="cuda"), expected)
