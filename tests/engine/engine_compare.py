@@ -2,8 +2,9 @@
 compare features, BatchNorm statistics, the input gradient and every parameter gradient.
 
 Tolerances come from measurement, never from one CPU's numbers:
-- in float64 the sparse result must equal the reference to round-off (``F64_TOL``, tight enough
-  that a doubled LayerNorm eps fails);
+- in float64 the sparse result must equal the reference to round-off (``F64_TOL``: a BatchNorm
+  over two visible sites at mask ratio 0.9 amplifies float64 round-off to 1e-9; a doubled
+  LayerNorm eps is 5e-5 off and fails);
 - in a lower precision, the float64 reference on the same (rounded) weights and inputs is the
   truth, and the sparse error against it may be at most twice the reference's own error in that
   precision plus a few float32 rounding units (:func:`assert_as_accurate`). Gradients are measured
@@ -21,7 +22,7 @@ from engine_reference import USER_STAGES, make_model, masked_reference, referenc
 
 import sparkme
 
-F64_TOL = 1e-10
+F64_TOL = 1e-8
 SIZES = {"user_cnn": (32, 48), "user_cnn_syncbn": (32, 48)}  # patch 8; timm models: patch 32
 DEFAULT_SIZE = (64, 96)
 BACKENDS = ["gather", "minkowski"]
