@@ -3,6 +3,11 @@
 Run with the project's virtual environment's python:
 
     python scripts/minkowski/build.py [--mode auto|cpu|cuda] [--cache DIR]
+    python scripts/minkowski/build.py --mode cuda --wheel-only --out DIR [--check-import]
+
+``--wheel-only`` builds (or takes from the cache) the wheel and copies it to ``--out``
+without installing anything: a CUDA wheel compiles on a machine with nvcc and no GPU
+(``TORCH_CUDA_ARCH_LIST``, default 9.0 when no GPU is visible).
 
 The wheel is cached under ``DIR/<key>/`` where the key names the ME version, the
 patch-set hash, the torch version and C++ ABI, the CUDA version and the GPU
@@ -21,6 +26,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -120,6 +127,13 @@ def find_nvcc() -> str | None:
     return str(candidate) if candidate.exists() else shutil.which("nvcc")
 
 
+NO_NVCC = (
+    "nvcc not found (looked in $CUDA_HOME/bin, /usr/local/cuda/bin and PATH): install the CUDA toolkit "
+    "matching torch's CUDA, or pip install 'cuda-toolkit[nvcc,cccl]==<torch CUDA>.*' and set CUDA_HOME "
+    "(README, 'CUDA wheel without a GPU')"
+)
+
+
 def cuda_arch_list() -> str:
     env = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if env:
@@ -157,7 +171,7 @@ def check_toolchain(mode: str) -> None:
     ):
         raise BuildError("OpenBLAS headers not found: apt-get install libopenblas-dev")
     if mode == "cuda" and find_nvcc() is None:
-        raise BuildError("CUDA build requested but nvcc was not found (set CUDA_HOME)")
+        raise BuildError(NO_NVCC)
 
 
 CUDA_LINK_LIBRARIES = ("cublas", "cublasLt", "cusparse", "cudart")
@@ -225,6 +239,65 @@ def build_wheel(sdist: Path, mode: str, out_dir: Path) -> Path:
     return next(out_dir.glob("*.whl"))
 
 
+DEFAULT_ARCH_WITHOUT_GPU = "9.0"
+
+
+def wheel_only(mode: str, cache: Path, out: Path) -> tuple[Path, dict[str, str]]:
+    """Build (or reuse from ``cache``) the wheel for ``mode`` and copy it into ``out``; install nothing."""
+    mode = detect_mode(mode)
+    if mode == "cuda":
+        if find_nvcc() is None:
+            raise BuildError(NO_NVCC)
+        import torch
+
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_WITHOUT_GPU
+            log(f"no GPU visible: building for TORCH_CUDA_ARCH_LIST={DEFAULT_ARCH_WITHOUT_GPU} (H100/H200)")
+    key, facts = build_key(mode)
+    wheel_dir = cache / "wheels" / key
+    start = time.monotonic()
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    if wheels:
+        wheel, how = wheels[0], "from the cache"
+    else:
+        wheel = build_wheel(fetch_sdist(cache), mode, wheel_dir)
+        how = f"built in {time.monotonic() - start:.0f} s"
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / wheel.name
+    if target.resolve() != wheel.resolve():
+        shutil.copy2(wheel, target)
+    (out / f"{wheel.name}.json").write_text(json.dumps({"key": key, **facts}, indent=1))
+    log(f"{target} ({target.stat().st_size / 1e6:.1f} MB, {how}; key {key})")
+    return target, facts
+
+
+def check_wheel_imports(wheel: Path, cuda: bool) -> str:
+    """Import the wheel, unpacked into a temporary folder, beside this torch; check its CUDA support.
+
+    Nothing is installed: the unpacked folder goes first on ``PYTHONPATH`` of a child
+    interpreter. Returns what the child printed; raises ``BuildError`` otherwise.
+    """
+    code = (
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import torch, MinkowskiEngine as ME\n"
+        "print(ME.__file__); print(ME.__version__, 'cuda' if ME.is_cuda_available() else 'cpu-only')\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="sparkme-me-import-") as tmp:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(tmp)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tmp, os.environ.get("PYTHONPATH")])))
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env, capture_output=True, text=True)
+        output = (result.stdout + result.stderr).strip()
+        if result.returncode != 0:
+            raise BuildError(f"{wheel.name} does not import beside torch:\n{output}")
+        where, facts = result.stdout.strip().splitlines()[-2:]
+        if not where.startswith(tmp):
+            raise BuildError(f"imported MinkowskiEngine from {where}, not from {wheel.name}")
+    if facts.endswith("cpu-only") == cuda:
+        raise BuildError(f"{wheel.name}: expected {'CUDA' if cuda else 'CPU-only'} support, ME reports {facts}")
+    return facts
+
+
 def site_stamp() -> Path:
     import sysconfig
 
@@ -283,8 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("auto", "cpu", "cuda"), default=os.environ.get("SPARKME_ME_MODE", "auto"))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--wheel-only", action="store_true", help="build or reuse the wheel, install nothing")
+    parser.add_argument("--out", type=Path, help="with --wheel-only: folder the wheel is copied to")
+    parser.add_argument("--check-import", action="store_true", help="with --wheel-only: import it beside torch")
     args = parser.parse_args(argv)
+    if (args.out is not None or args.check_import) and not args.wheel_only:
+        parser.error("--out and --check-import go with --wheel-only")
     try:
+        if args.wheel_only:
+            wheel, facts = wheel_only(args.mode, args.cache, args.out or Path("dist"))
+            if args.check_import:
+                log(f"import check: {check_wheel_imports(wheel, cuda=facts['mode'] == 'cuda')}")
+            return 0
         ensure(args.mode, args.cache)
     except (BuildError, PatchError) as err:
         print(f"[minkowski] error: {err}", file=sys.stderr)
