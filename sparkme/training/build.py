@@ -12,6 +12,7 @@ from sparkme.errors import UserError
 from sparkme.method.masking import check_mask_geometry
 
 __all__ = [
+    "plain_config",
     "instantiate_unwrapped",
     "build_dense_model",
     "build_spark",
@@ -21,6 +22,13 @@ __all__ = [
     "check_batch_settings",
     "model_name_of",
 ]
+
+
+def plain_config(node: Any) -> Any:
+    """An OmegaConf node as plain (resolved) dicts and lists; anything else unchanged."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def instantiate_unwrapped(node: Any, **kwargs: Any) -> Any:

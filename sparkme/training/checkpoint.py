@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from sparkme.atomic import atomic_write_bytes, sync_dir, write_temp
+from sparkme.training.build import model_name_of, plain_config
 
 __all__ = [
+    "run_payload",
     "save_checkpoint",
     "load_checkpoint",
     "load_spark",
@@ -88,6 +90,40 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((python[0], tuple(python[1]), python[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _config_yaml(cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # interpolations that only resolve inside Hydra (e.g. ${hydra:...})
+        return OmegaConf.to_yaml(cfg, resolve=False)
+
+
+def run_payload(
+    model: torch.nn.Module, cfg: Any, optimizer: torch.optim.Optimizer, step: int, steps_per_epoch: int
+) -> dict[str, Any]:
+    """What a pretraining run saves at ``step`` (the keys of the module docstring); ``cfg`` is its Hydra config."""
+    import sparkme
+
+    encoder = model.encoder
+    model_cfg = plain_config(cfg.model)
+    return {
+        "model": model.state_dict(),
+        "encoder": encoder.dense_state_dict() if hasattr(encoder, "dense_state_dict") else None,
+        "model_cfg": model_cfg,
+        "model_name": getattr(encoder, "model_name", None) or model_name_of(model_cfg),
+        "spark_cfg": plain_config(cfg.spark),
+        "backend": cfg.engine.get("backend"),
+        "config": _config_yaml(cfg),
+        "optimizer": optimizer.state_dict(),
+        "epoch": step // steps_per_epoch,
+        "step": step,
+        "steps_per_epoch": steps_per_epoch,
+        "rng": capture_rng(),
+        "sparkme_version": sparkme.__version__,
+    }
 
 
 def _encoder_bytes(encoder: dict[str, torch.Tensor], model_name: str | None) -> bytes:

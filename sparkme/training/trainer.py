@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from sparkme.atomic import atomic_write_bytes
 from sparkme.data.sampling import ResumableSampler, SeededTransformDataset, sample_seed
 from sparkme.data.transforms import pretrain_transform
 from sparkme.training.amp import step_autocast
@@ -36,8 +37,9 @@ from sparkme.training.build import (
     check_image_size,
     instantiate_unwrapped,
     model_name_of,
+    plain_config,
 )
-from sparkme.training.checkpoint import atomic_write_bytes, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from sparkme.training.checkpoint import load_checkpoint, restore_rng, run_payload, save_checkpoint
 from sparkme.training.distributed import DistInfo, all_reduce_mean, any_rank, init_distributed
 from sparkme.training.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, state_norms
 from sparkme.training.lock import RunDirLock
@@ -53,17 +55,6 @@ from sparkme.training.signals import GracefulStop
 __all__ = ["Trainer", "TrainResult", "NonFiniteLossError", "DivergenceError"]
 
 log = logging.getLogger(__name__)
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def _config_yaml(cfg: DictConfig) -> str:
-    try:
-        return OmegaConf.to_yaml(cfg, resolve=True)
-    except Exception:  # interpolations that only resolve inside Hydra (e.g. ${hydra:...})
-        return OmegaConf.to_yaml(cfg, resolve=False)
 
 
 class Trainer:
@@ -94,8 +85,8 @@ class Trainer:
             model_factory()
             if model_factory is not None
             else build_spark(
-                _plain(cfg.model),
-                _plain(cfg.spark),
+                plain_config(cfg.model),
+                plain_config(cfg.spark),
                 backend=cfg.engine.get("backend"),
                 sync_bn=bool(cfg.train.get("sync_bn", False)),  # encoder, densify and decoder BatchNorms
             )
@@ -208,7 +199,7 @@ class Trainer:
                 f"{path} was written with {saved_spe} steps per epoch, this run has {self.steps_per_epoch}; "
                 "resume with the same data and batch settings"
             )
-        check_same_model(checkpoint, _plain(self.cfg.model), path)
+        check_same_model(checkpoint, plain_config(self.cfg.model), path)
         load_model_state(self.model, checkpoint["model"], path)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.step = int(checkpoint["step"])
@@ -246,7 +237,7 @@ class Trainer:
     def summary(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
         encoder_params = sum(p.numel() for p in self.model.encoder.parameters())
-        name = model_name_of(_plain(self.cfg.model)) or str(self.cfg.model.get("_target_"))
+        name = model_name_of(plain_config(self.cfg.model)) or str(self.cfg.model.get("_target_"))
         return "\n".join(
             [
                 f"model        {name}: {params / 1e6:.2f} M parameters ({encoder_params / 1e6:.2f} M in the encoder)",
@@ -302,27 +293,6 @@ class Trainer:
         self.step += 1
         return sum(losses) / len(losses), float(grad_norm)
 
-    def _payload(self) -> dict[str, Any]:
-        import sparkme
-
-        encoder = self.model.encoder
-        model_cfg = _plain(self.cfg.model)
-        return {
-            "model": self.model.state_dict(),
-            "encoder": encoder.dense_state_dict() if hasattr(encoder, "dense_state_dict") else None,
-            "model_cfg": model_cfg,
-            "model_name": getattr(encoder, "model_name", None) or model_name_of(model_cfg),
-            "spark_cfg": _plain(self.cfg.spark),
-            "backend": self.cfg.engine.get("backend"),
-            "config": _config_yaml(self.cfg),
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": self.step // self.steps_per_epoch,
-            "step": self.step,
-            "steps_per_epoch": self.steps_per_epoch,
-            "rng": capture_rng(),
-            "sparkme_version": sparkme.__version__,
-        }
-
     def _note(self) -> str:
         return saved_note(self.checkpoint_dir, self._saved_step)
 
@@ -335,7 +305,7 @@ class Trainer:
         path = self.checkpoint_dir / name
 
         def write() -> None:
-            payload = self._payload()
+            payload = run_payload(self.model, self.cfg, self.optimizer, self.step, self.steps_per_epoch)
             copy_paths = tuple(self.checkpoint_dir / copy for copy in copies)
             save_checkpoint(path, payload, model_name=payload["model_name"], copies=copy_paths)
 
