@@ -130,7 +130,7 @@ def find_nvcc() -> str | None:
 NO_NVCC = (
     "nvcc not found (looked in $CUDA_HOME/bin, /usr/local/cuda/bin and PATH): install the CUDA toolkit "
     "matching torch's CUDA, or pip install 'cuda-toolkit[nvcc,cccl]==<torch CUDA>.*' and set CUDA_HOME "
-    "(README, 'CUDA wheel without a GPU')"
+    "(docs/gpu.md, 'nvcc from pip')"
 )
 
 
