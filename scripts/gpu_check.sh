@@ -43,6 +43,10 @@ for need in wheels debs minkowski/sdist; do
     [[ -d "$CARRY/$need" ]] || die "$CARRY/$need is missing: re-run scripts/gpu_carry.sh"
 done
 command -v "$PY" >/dev/null || die "no '$PY' on PATH (set GPU_CHECK_PYTHON)"
+for tool in cc g++ dpkg ldconfig; do
+    command -v "$tool" >/dev/null || die "'$tool' is missing on this machine (needed to unpack OpenBLAS and build MinkowskiEngine)"
+done
+export PYTHONUNBUFFERED=1
 DRY="${GPU_CHECK_DRY_RUN:-0}"
 "$PY" - "$DRY" <<'PY' || die "this python's torch sees no CUDA GPU (the check needs one; CPU tests run in CI)"
 import sys, torch
