@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-# Small enough for a busy 2-core CPU: 12 demo images of 32 px, 3 steps per epoch.
-TINY = [
-    "data.image_size=32",
-    "data.dataset.length=12",
-    "train.batch_size=4",
-    "train.epochs=2",
-    "train.device=cpu",
-    "schedule.warmup_epochs=0.5",
-    "checkpoint.every_epochs=1",
-    "reconstruction.every_epochs=1",
-    "reconstruction.num_images=2",
-]
+TINY = ["debug=tiny", "data.dataset.length=12"]  # conf/debug/tiny.yaml; 12 demo images: 3 steps an epoch
 
 
 def compose(overrides: list[str] | None = None):
