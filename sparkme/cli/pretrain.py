@@ -99,8 +99,25 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return run(cfg, HydraConfig.get().runtime.output_dir)
 
 
+def _refuse_a_live_run_dir(argv: list[str]) -> None:
+    """A run dir named on the command line (``hydra.run.dir=...``) that a live run holds is refused
+    before Hydra writes its config and log into it."""
+    from sparkme.cli.errors import report_error
+    from sparkme.training.lock import RunDirLockedError, check_not_live
+
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "hydra.run.dir" and value:
+            try:
+                check_not_live(value)
+            except RunDirLockedError as error:
+                report_error("sparkme-pretrain", error)
+                raise SystemExit(1) from None
+
+
 def main() -> None:
     """Console entry point (``sparkme-pretrain``)."""
+    _refuse_a_live_run_dir(sys.argv[1:])
     _register_resolvers()
     _join_torchrun()
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sparkme.errors import UserError
 
-__all__ = ["RunDirLock", "RunDirLockedError", "LOCK_NAME"]
+__all__ = ["RunDirLock", "RunDirLockedError", "LOCK_NAME", "check_not_live"]
 
 LOCK_NAME = "run.lock"
 
@@ -132,3 +132,28 @@ class RunDirLock:
     def __del__(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
+
+
+def check_not_live(run_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`RunDirLockedError` when a live process holds ``run_dir``'s lock; touches nothing.
+
+    The CLI calls it before Hydra writes its own files (``.hydra/``, ``pretrain.log``) into a run dir
+    given on the command line, so a refused launch leaves the live run's files alone.
+    """
+    lock = RunDirLock(run_dir)
+    if not lock.path.is_file():
+        return
+    try:
+        fd = os.open(lock.path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise lock._refusal() from None
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS) or not lock._recorded_holder_alive():
+            return
+        raise lock._refusal() from None
+    finally:
+        os.close(fd)  # also drops the shared lock just taken

@@ -193,6 +193,31 @@ def _run_cli(run_dir: Path, env: dict[str, str], *extra: str) -> tuple[int, str]
     return process.returncode, out + err
 
 
+def test_a_refused_launch_leaves_the_live_run_dir_untouched(tmp_path: Path) -> None:
+    """The CLI checks the lock before Hydra writes ``.hydra/`` and ``pretrain.log`` into the run dir."""
+    run_dir = tmp_path / "live"
+    (run_dir / ".hydra").mkdir(parents=True)
+    files = {run_dir / ".hydra" / "config.yaml": "live run's config\n", run_dir / "pretrain.log": "live run's log\n"}
+    for path, text in files.items():
+        path.write_text(text)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from sparkme.training.lock import RunDirLock; "
+         "lock = RunDirLock(sys.argv[1]); lock.acquire(); print('locked', flush=True); time.sleep(300)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, output = _run_cli(run_dir, _env())
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert code == 1, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and "is in use by another sparkme-pretrain" in lines[0], output
+    assert {path: path.read_text() for path in files} == files
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "pretrain.log", "run.lock"]
+
+
 def _reference(tmp_path: Path) -> dict[str, torch.Tensor]:
     (tmp_path / "dump_ref").mkdir()
     code, output = _run_cli(tmp_path / "reference", _env(SPARKME_TEST_DUMP=str(tmp_path / "dump_ref")))
