@@ -1,7 +1,8 @@
 """Time and memory of one benchmark case: one model, one path, one measure, one size.
 
 ``encoder``: encoder forward + backward (a scalar of all feature maps). ``step``: the full
-pretraining step of ``sparkme.SparK`` (encoder + densify + decoder + loss + backward + LAMB step).
+pretraining step (encoder + densify + decoder + loss + backward + LAMB step): ``sparkme.SparK`` on
+the sparse paths, the official SparK step as written (``official.py``) on the masked-dense and dense ones.
 Every path sees the same seeded images and patch mask. Time is the median of ``iters`` runs after
 ``warmup`` runs (wall clock, and this process's CPU time summed over threads, which other
 processes on a shared machine disturb less); memory is CUDA's max allocated, or on the CPU the
@@ -23,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from sparkme.benchmarks.paths import build_encoder, get_path
+from sparkme.benchmarks.paths import Path, build_encoder, get_path
 
 __all__ = ["Case", "run_case", "MEASURES", "Clock", "CudaOps", "CudaCalls"]
 
@@ -130,6 +131,17 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
+def _pretraining_model(path: Path, encoder: torch.nn.Module, case: Case) -> torch.nn.Module:
+    """``sparkme.SparK`` around a sparse encoder; the official SparK step as written around the others."""
+    if path.kind == "sparse":
+        import sparkme
+
+        return sparkme.SparK(encoder, mask_ratio=case.mask_ratio, decoder_width=case.decoder_width)
+    from sparkme.benchmarks.official import OfficialSparK
+
+    return OfficialSparK(encoder, mask_ratio=case.mask_ratio, decoder_width=case.decoder_width)
+
+
 def _build_step(case: Case, device: torch.device):
     """The callable one timed iteration runs, plus what the caller needs to know."""
     path = get_path(case.path)
@@ -155,12 +167,14 @@ def _build_step(case: Case, device: torch.device):
         raise ValueError(f"unknown measure {case.measure!r}; choose from {MEASURES}")
     from timm.optim import Lamb
 
-    import sparkme
+    from sparkme.method.spark import split_weight_decay
 
-    model = sparkme.SparK(encoder, mask_ratio=case.mask_ratio, decoder_width=case.decoder_width).to(device).train()
+    model = _pretraining_model(path, encoder, case).to(device).train()
     if path.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = Lamb(model.param_groups(0.04), lr=2e-4 * case.batch / 256)
+    decay, plain = split_weight_decay(model)
+    groups = [{"params": decay, "weight_decay": 0.04}, {"params": plain, "weight_decay": 0.0}]
+    optimizer = Lamb(groups, lr=2e-4 * case.batch / 256)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -2,7 +2,8 @@
 
 - ``sparse-gather`` / ``sparse-minkowski``: ``sparkme.sparsify`` with that conv backend, fp32;
   ``sparse-gather-bf16``: the gather backend under bf16 autocast (the stock ME kernels are fp32-only);
-- ``masked-dense``: SparK's reference emulation (``masked_dense.py``), fp32;
+- ``masked-dense``: SparK's reference emulation (``masked_dense.py``), fp32; its ``step`` is the official
+  SparK step as written (``official.py``: gather-scatter densify, the paper's decoder, its loss);
   ``masked-dense-bf16-cl``: the same in bf16 autocast and channels-last (the fast GPU baseline);
 - ``dense`` / ``dense-bf16-cl``: the plain network on the whole image (no masking at all).
 """
