@@ -10,10 +10,12 @@ PyTorch's default Conv2d init.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-__all__ = ["Densify", "NORM_KINDS", "init_mask_token"]
+__all__ = ["ActiveRows", "Densify", "NORM_KINDS", "init_mask_token"]
 
 NORM_KINDS = ("bn", "ln")
 
@@ -21,6 +23,19 @@ NORM_KINDS = ("bn", "ln")
 def init_mask_token(token: torch.Tensor) -> None:
     """Official SparK mask-embedding init: normal, std 0.02, truncated at +-0.02 (one std)."""
     nn.init.trunc_normal_(token, mean=0.0, std=0.02, a=-0.02, b=0.02)
+
+
+@dataclass(frozen=True)
+class ActiveRows:
+    """One scale's active sites as rows: ``features`` ``[N, C]`` at ``sites`` (batch, y, x) of a (B, H, W) map.
+
+    What a sparse encoder already holds (``SparseEncoder.forward_maps``): densify can normalize these
+    rows and scatter them once, instead of reading them back out of a dense map.
+    """
+
+    features: torch.Tensor
+    sites: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    shape: tuple[int, int, int]
 
 
 def _active_site_norm(norm_kind: str, channels: int) -> nn.Module:
@@ -70,7 +85,8 @@ class Densify(nn.Module):
         )
 
     def densify_scale(self, index: int, features: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Dense map of scale ``index`` before projection: normalized features, mask embedding elsewhere."""
+        """Dense map of scale ``index`` before projection: normalized features, mask embedding elsewhere
+        (``[B, C, H, W]`` with channels-last strides)."""
         batch, channels, height, width = features.shape
         if visible.shape != (batch, height, width):
             raise ValueError(
@@ -81,18 +97,30 @@ class Densify(nn.Module):
         scattered = self._normalized_active_sites(index, sites, visible)
         token = self.mask_tokens[index].to(scattered.dtype)
         dense = torch.where(visible.unsqueeze(-1), scattered, token)
-        return dense.permute(0, 3, 1, 2).contiguous()
+        return dense.permute(0, 3, 1, 2)  # channels-last strides; forward makes it contiguous
 
     @torch.compiler.disable  # a data-dependent number of rows: torch.compile runs it eagerly
-    def _normalized_active_sites(self, index: int, sites: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """``sites`` ``[B, H, W, C]`` with the visible rows normalized (statistics over them only), zeros elsewhere."""
-        active = sites[visible]
+    def fill_rows(self, index: int, rows: ActiveRows) -> torch.Tensor:
+        """Dense map of scale ``index`` before projection, from its active rows: the rows normalized and
+        scattered into a map of mask embeddings. Returned ``[B, C, H, W]`` with channels-last strides."""
+        batch, height, width = rows.shape
+        normed = self._normalize_rows(index, rows.features)
+        token = self.mask_tokens[index].to(normed.dtype)
+        grid = token.expand(batch, height, width, token.shape[0]).clone(memory_format=torch.contiguous_format)
+        return grid.index_put_(rows.sites, normed).permute(0, 3, 1, 2)
+
+    def _normalize_rows(self, index: int, active: torch.Tensor) -> torch.Tensor:
         if self.training and self.norm_kind == "bn" and active.shape[0] < 2:
             raise ValueError(
                 f"scale {index} has {active.shape[0]} visible site(s) in the whole batch; BatchNorm needs at "
                 f"least 2 in training: use a larger batch or images, or a lower mask_ratio"
             )
-        active = self.norms[index](active)
+        return self.norms[index](active)
+
+    @torch.compiler.disable  # a data-dependent number of rows: torch.compile runs it eagerly
+    def _normalized_active_sites(self, index: int, sites: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """``sites`` ``[B, H, W, C]`` with the visible rows normalized (statistics over them only), zeros elsewhere."""
+        active = self._normalize_rows(index, sites[visible])
         return sites.new_zeros(*sites.shape[:3], active.shape[-1]).index_put((visible,), active)
 
     def forward(self, features: list[torch.Tensor], visible: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -103,5 +131,5 @@ class Densify(nn.Module):
             )
         out = []  # a loop, not a comprehension: torch.compile resumes after the eager part of each scale
         for i, (projection, feats, vis) in enumerate(zip(self.projections, features, visible)):
-            out.append(projection(self.densify_scale(i, feats, vis)))
+            out.append(projection(self.densify_scale(i, feats, vis).contiguous()))
         return out

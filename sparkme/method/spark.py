@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sparkme.method.decoder import LightDecoder
-from sparkme.method.densify import NORM_KINDS, Densify
+from sparkme.method.densify import NORM_KINDS, ActiveRows, Densify
 from sparkme.method.loss import masked_patch_mse, patch_stats, patchify, unpatchify
 from sparkme.method.masking import check_mask_geometry, check_mask_ratio, patch_grid, random_patch_mask, upsample_mask
 
@@ -78,6 +78,14 @@ def split_weight_decay(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.P
     return decay, plain
 
 
+def active_rows(sparse_map) -> ActiveRows:
+    """The rows of a sparse encoder's :class:`~sparkme.engine.sparse_map.SparseMap` and where they sit."""
+    coords = sparse_map.ctx.coordinates(sparse_map.key)
+    stride_y, stride_x = sparse_map.tensor_stride
+    sites = (coords[:, 0], coords[:, 1] // stride_y, coords[:, 2] // stride_x)
+    return ActiveRows(sparse_map.features, sites, (sparse_map.ctx.batch_size, *sparse_map.spatial_size))
+
+
 class SparK(nn.Module):
     """Masked pretraining model around a sparse encoder.
 
@@ -115,6 +123,10 @@ class SparK(nn.Module):
         self.decoder = LightDecoder(decoder_width, self.patch_size)
         widths = [self.decoder.level_widths[level] for level in self.levels]
         self.densify = Densify(channels, widths, encoder.norm_kind, projection_kernels(self.levels, channels, widths))
+        # speed only (same values and gradients up to round-off): densify from the encoder's sparse
+        # maps when it has them; the dense part (projections, decoder) in channels-last layout
+        self.densify_from_maps = True
+        self.channels_last = True
 
     def sample_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh random mask ``[B, h, w]`` (True = hidden) for ``images``."""
@@ -139,15 +151,45 @@ class SparK(nn.Module):
     def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Decoder output ``[B, 3, H, W]`` for ``images`` with the patches of ``mask`` hidden."""
         visible = ~mask
-        features = self.encoder(images, visible.unsqueeze(1))
-        if len(features) != len(self.levels):
-            raise ValueError(f"encoder returned {len(features)} maps but lists {len(self.levels)} feature_strides")
-        visible_maps = [upsample_mask(visible, self.patch_size // stride) for stride in self.feature_strides]
-        densified = self.densify(list(features), visible_maps)
+        if self.densify_from_maps and hasattr(self.encoder, "forward_maps"):
+            filled = self._filled_from_maps(images, visible)
+        else:
+            filled = self._filled_from_dense(images, visible)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         decoder_inputs: list[torch.Tensor | None] = [None] * len(self.decoder.level_widths)
-        for level, feature in zip(self.levels, densified):
-            decoder_inputs[level] = feature
+        for level, projection, dense in zip(self.levels, self.densify.projections, filled):
+            decoder_inputs[level] = projection(dense.contiguous(memory_format=memory_format))
         return self.decoder(decoder_inputs)
+
+    def _filled_from_dense(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
+        """Any encoder: its dense maps, the visible sites read back out by the mask at each scale."""
+        features = self.encoder(images, visible.unsqueeze(1))
+        self._check_scales(len(features))
+        visible_maps = [upsample_mask(visible, self.patch_size // stride) for stride in self.feature_strides]
+        return [self.densify.densify_scale(i, f, v) for i, (f, v) in enumerate(zip(features, visible_maps))]
+
+    @torch.compiler.disable  # sparse maps and data-dependent row counts: eager under torch.compile
+    def _filled_from_maps(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
+        """A sparse encoder: its active rows normalized and scattered once per scale (no dense map of
+        features, no mask gather)."""
+        maps = self.encoder.forward_maps(images, visible.unsqueeze(1))
+        self._check_scales(len(maps))
+        visible_patches = int(visible.sum())
+        filled = []
+        for i, (sparse_map, stride) in enumerate(zip(maps, self.feature_strides)):
+            rows = active_rows(sparse_map)
+            expected = visible_patches * (self.patch_size // stride) ** 2
+            if rows.features.shape[0] != expected:
+                raise RuntimeError(
+                    f"scale {i} (stride {stride}) has {rows.features.shape[0]} active sites, the mask makes "
+                    f"{expected} visible; the encoder's active sites must be the visible patches"
+                )
+            filled.append(self.densify.fill_rows(i, rows))
+        return filled
+
+    def _check_scales(self, count: int) -> None:
+        if count != len(self.levels):
+            raise ValueError(f"encoder returned {count} maps but lists {len(self.levels)} feature_strides")
 
     @torch.no_grad()
     def reconstruct(

@@ -113,8 +113,8 @@ def _parameter_pairs(model: SparK, reference: OfficialSpark) -> list[tuple[nn.Pa
     return pairs
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-12) -> None:
-    scale = b.abs().max().clamp_min(1e-300)
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-12, floor: float = 1e-300) -> None:
+    scale = b.abs().max().clamp_min(floor)
     error = ((a - b).abs().max() / scale).item()
     assert error <= tol, f"{what}: relative error {error:.2e} > {tol:.0e}"
 
@@ -147,9 +147,12 @@ def test_loss_and_every_gradient_match_the_official_formulas(stand_in_encoder, n
 
     pairs = _parameter_pairs(model, reference)
     assert len(pairs) == len(list(model.parameters())) == len(list(reference.parameters()))
+    # a gradient that is zero in exact arithmetic (a conv bias before BatchNorm) is round-off: scale it
+    # by the largest gradient (the channels-last decoder sums in another order than the reference)
+    floor = 1e-3 * max(float(theirs.grad.abs().max()) for _, theirs, _ in pairs if theirs.grad is not None)
     for mine, theirs, what in pairs:
         assert theirs.grad is not None, what
-        _close(mine.grad.view(theirs.grad.shape), theirs.grad, f"{what} grad")
+        _close(mine.grad.view(theirs.grad.shape), theirs.grad, f"{what} grad", floor=floor)
     for j in range(len(model.levels)):  # BatchNorm running statistics of the visible sites
         theirs = reference.densify_norms[len(model.levels) - 1 - j].buffers()
         for (name, mine), their in zip(model.densify.norms[j].named_buffers(), theirs):
