@@ -252,7 +252,7 @@ def wheel_only(mode: str, cache: Path, out: Path) -> tuple[Path, dict[str, str]]
 
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_WITHOUT_GPU
-            log(f"no GPU visible: building for TORCH_CUDA_ARCH_LIST={DEFAULT_ARCH_WITHOUT_GPU} (H100/H200)")
+            log(f"no GPU visible: TORCH_CUDA_ARCH_LIST={DEFAULT_ARCH_WITHOUT_GPU} (H100/H200)")
     key, facts = build_key(mode)
     wheel_dir = cache / "wheels" / key
     start = time.monotonic()
