@@ -37,12 +37,28 @@ REAL_SPARSE = [
 ]
 
 
+def _record_encoder_dtypes(encoder: nn.Module) -> set[torch.dtype]:
+    """The dtypes of the feature maps the encoder hands out, dense (``forward``) or sparse (``forward_maps``)."""
+    seen: set[torch.dtype] = set()
+    for name in ("forward", "forward_maps"):
+        original = getattr(encoder, name, None)
+        if original is None:
+            continue
+
+        def recording(*args, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            seen.update(getattr(f, "features", f).dtype for f in out)
+            return out
+
+        setattr(encoder, name, recording)
+    return seen
+
+
 def _one_step_dtypes(tmp_path: Path, amp_on: bool) -> tuple[Trainer, set[torch.dtype], set[torch.dtype]]:
     """Run one optimizer step; return the trainer and the dtypes seen leaving the encoder and the decoder."""
     trainer = Trainer(tiny(*REAL_SPARSE, f"train.amp={str(amp_on).lower()}"), tmp_path)
-    encoder_out: set[torch.dtype] = set()
+    encoder_out = _record_encoder_dtypes(trainer.model.encoder)
     decoder_out: set[torch.dtype] = set()
-    trainer.model.encoder.register_forward_hook(lambda m, i, out: encoder_out.update(f.dtype for f in out))
     for module in trainer.model.modules():
         if isinstance(module, nn.Conv2d) and not any(module is m for m in trainer.model.encoder.modules()):
             module.register_forward_hook(lambda m, i, out: decoder_out.add(out.dtype))
@@ -170,8 +186,7 @@ def test_amp_step_on_cuda_runs_bf16_and_keeps_fp32_state(tmp_path: Path) -> None
     overrides = [o for o in TINY if not o.startswith("train.device")]
     cfg = compose([*overrides, *REAL_SPARSE, "train.device=cuda", "train.amp=true"])
     trainer = Trainer(cfg, tmp_path)
-    encoder_out: set[torch.dtype] = set()
-    trainer.model.encoder.register_forward_hook(lambda m, i, out: encoder_out.update(f.dtype for f in out))
+    encoder_out = _record_encoder_dtypes(trainer.model.encoder)
     result = trainer.fit()
     assert result.steps == 1 and math.isfinite(result.last_loss)
     assert trainer.device.type == "cuda" and encoder_out == {torch.bfloat16}
