@@ -272,7 +272,7 @@ class SparseMap:
         handler = HANDLERS.get(func)
         if handler is None:
             raise UnsupportedLayerError(f"{func_name(func)} has no sparse implementation{_where(args, kwargs)}")
-        signature = _signature(handler)
+        signature = signature_of(handler)
         if signature is not None:
             try:
                 signature.bind(*args, **kwargs)
@@ -363,9 +363,10 @@ def _where(args: tuple, kwargs: dict) -> str:
 
 
 @functools.cache
-def _signature(handler: Callable) -> inspect.Signature | None:
+def signature_of(func: Callable) -> inspect.Signature | None:
+    """``func``'s signature when it names its parameters (None for builtins and ``*args, **kwargs``)."""
     try:
-        signature = inspect.signature(handler)
+        signature = inspect.signature(func)
     except (TypeError, ValueError):
         return None
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)

@@ -103,14 +103,20 @@ def test_disk_full_is_one_message_and_keeps_the_checkpoint(tmp_path: Path, monke
     assert not (tmp_path / LOCK_NAME).exists()  # released on the way out
 
 
-def test_a_live_run_dir_is_refused_and_a_stale_lock_taken_over(tmp_path: Path) -> None:
+def _lock_holder(run_dir: Path) -> subprocess.Popen:
+    """Another process that holds ``run_dir``'s lock until killed (SIGKILL leaves the lock file stale)."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from sparkme.training.lock import RunDirLock; "
-         "lock = RunDirLock(sys.argv[1]); lock.acquire(); print('locked', flush=True); time.sleep(300)", str(tmp_path)],
+         "lock = RunDirLock(sys.argv[1]); lock.acquire(); print('locked', flush=True); time.sleep(300)", str(run_dir)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_live_run_dir_is_refused_and_a_stale_lock_taken_over(tmp_path: Path) -> None:
+    holder = _lock_holder(tmp_path)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(
             RunDirLockedError,
             match=rf"run dir {tmp_path} is in use by another sparkme-pretrain "
@@ -200,13 +206,8 @@ def test_a_refused_launch_leaves_the_live_run_dir_untouched(tmp_path: Path) -> N
     files = {run_dir / ".hydra" / "config.yaml": "live run's config\n", run_dir / "pretrain.log": "live run's log\n"}
     for path, text in files.items():
         path.write_text(text)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from sparkme.training.lock import RunDirLock; "
-         "lock = RunDirLock(sys.argv[1]); lock.acquire(); print('locked', flush=True); time.sleep(300)", str(run_dir)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = _lock_holder(run_dir)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         code, output = _run_cli(run_dir, _env())
     finally:
         holder.kill()

@@ -9,7 +9,6 @@ rebind the target's features, which every view of the target shares.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -18,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..context import key_id
 from ..errors import UnsupportedLayerError
-from ..sparse_map import HANDLERS, SparseMap, func_name
+from ..sparse_map import HANDLERS, SparseMap, func_name, signature_of
 
 __all__ = ["broadcast_rows", "elementwise", "inplace"]
 
@@ -77,8 +76,8 @@ def elementwise(func: Callable, *args, **kwargs) -> SparseMap:
 
     target = args[0] if args else None
     args, kwargs = tree_map(convert, args), tree_map(convert, kwargs)
-    signature = _inplace_argument(func)
-    if signature is not None:
+    signature = signature_of(func)
+    if signature is not None and "inplace" in signature.parameters:
         bound = signature.bind(*args, **kwargs)
         if bound.arguments.get("inplace"):
             bound.arguments["inplace"] = False
@@ -102,15 +101,6 @@ def _rebind(target, features: torch.Tensor, op) -> SparseMap:
         )
     target.features = features
     return target
-
-
-@functools.cache
-def _inplace_argument(func: Callable) -> inspect.Signature | None:
-    try:
-        signature = inspect.signature(func)
-    except (TypeError, ValueError):
-        return None
-    return signature if "inplace" in signature.parameters else None
 
 
 # fmt: off
