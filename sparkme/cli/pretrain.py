@@ -120,13 +120,23 @@ def main() -> None:
     _refuse_a_live_run_dir(sys.argv[1:])
     _register_resolvers()
     _join_torchrun()
+    finished = False
     try:
         _hydra_main()
+        finished = True
     finally:
-        import torch.distributed as dist
+        _leave_process_group(finished)
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+
+def _leave_process_group(finished: bool) -> None:
+    """Tear the process group down; after a normal finish every rank first waits for the others, so
+    no rank closes its gloo connections while a peer still talks on them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 _register_resolvers()
