@@ -7,7 +7,9 @@ It prints, per variant, the median time and the median over rounds of its ratio 
 
 Variants: ``default`` (every switch on), ``dense-densify`` (``densify_from_maps=False``: the encoder's
 dense maps, visible rows read back by the mask), ``nchw`` (``channels_last=False``), ``neither``, and
-``compiled`` (``torch.compile`` of the default model, compiled before the timed rounds).
+``compiled`` (``torch.compile`` of the default model, compiled before the timed rounds) and
+``official`` (the official SparK step as written, ``official.py``, on the masked-dense encoder:
+``sparkme-bench``'s step baseline, here timed interleaved with the others).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "nchw": {"channels_last": False},
     "neither": {"densify_from_maps": False, "channels_last": False},
     "compiled": {},
+    "official": {},
 }
 
 
@@ -36,10 +39,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--mask-ratio", type=float, default=0.6)
     parser.add_argument("--decoder-width", type=int, default=768)
+    parser.add_argument("--measure", choices=["step", "encoder"], default="step")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=["default", "dense-densify", "nchw", "neither"])
     parser.add_argument("--threads", type=int, default=None)
     return parser.parse_args(argv)
+
+
+def _official(args: argparse.Namespace) -> torch.nn.Module:
+    from sparkme.benchmarks.official import OfficialSparK
+    from sparkme.benchmarks.paths import build_encoder, get_path
+
+    torch.manual_seed(0)
+    encoder = build_encoder(get_path("masked-dense"), args.model)
+    return OfficialSparK(encoder, mask_ratio=args.mask_ratio, decoder_width=args.decoder_width).train()
+
+
+def _param_groups(model: torch.nn.Module) -> list[dict]:
+    from sparkme.method.spark import split_weight_decay
+
+    decay, plain = split_weight_decay(model)
+    return [{"params": decay, "weight_decay": 0.04}, {"params": plain, "weight_decay": 0.0}]
 
 
 def _steps(args: argparse.Namespace):
@@ -56,18 +76,26 @@ def _steps(args: argparse.Namespace):
     case = Case(args.model, "sparse-gather", "step", args.batch, args.resolution, args.mask_ratio)
     images, hidden = _inputs(case, encoder.downsample_ratio, torch.device("cpu"))
     optimizer = Lamb(model.param_groups(0.04), lr=2e-4 * args.batch / 256)
-    compiled = torch.compile(model) if "compiled" in args.variants else None
+    runners = {"compiled": torch.compile(model) if "compiled" in args.variants else None}
+    optimizers = {"official": None}
+    if "official" in args.variants:
+        runners["official"] = _official(args)
+        optimizers["official"] = Lamb(_param_groups(runners["official"]), lr=2e-4 * args.batch / 256)
 
     def make(name: str):
         switches = {"densify_from_maps": True, "channels_last": True, **VARIANTS[name]}
-        runner = compiled if name == "compiled" else model
+        runner = runners[name] if runners.get(name) is not None else model
+        step_optimizer = optimizers[name] if optimizers.get(name) is not None else optimizer
 
         def step() -> None:
             model.densify_from_maps, model.channels_last = switches["densify_from_maps"], switches["channels_last"]
-            optimizer.zero_grad(set_to_none=True)
+            step_optimizer.zero_grad(set_to_none=True)
+            if args.measure == "encoder":  # forward + backward of the encoder alone, as sparkme-bench's
+                sum(f.mean() for f in runner.encoder(images, ~hidden[:, None])).backward()
+                return
             loss, _, _ = runner(images, mask=hidden)
             loss.backward()
-            optimizer.step()
+            step_optimizer.step()
 
         return step
 
@@ -92,8 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             steps[name]()
             times[name].append((time.perf_counter() - start) * 1000)
     first = args.variants[0]
-    print(f"{args.model}, batch {args.batch}, {args.resolution} px, mask {args.mask_ratio}, {args.rounds} rounds, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{args.model} {args.measure}, batch {args.batch}, {args.resolution} px, mask {args.mask_ratio}, "
+          f"{args.rounds} rounds, {torch.get_num_threads()} threads")  # fmt: skip
     print(f"| variant | ms (median) | vs {first} (median of per-round ratios) | per round ms |")
     print("|---|---|---|---|")
     for name, values in times.items():
