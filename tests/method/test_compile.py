@@ -60,11 +60,13 @@ def _run(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def _errors(result: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Relative max error per entry; gradients that are zero in exact arithmetic are scaled by the largest one."""
+    """Relative max error per entry; gradients are measured in units of the largest one (a conv bias
+    before a train-mode BatchNorm has a zero gradient in exact arithmetic: only rounding noise, and
+    MinkowskiEngine's threaded float32 sums make that noise differ from run to run)."""
     grad_scale = max(float(v.abs().max()) for k, v in truth.items() if k.startswith("grad"))
     errors = {}
     for key, expected in truth.items():
-        scale = max(float(expected.abs().max()), 1e-3 * grad_scale if key.startswith("grad") else 1e-30)
+        scale = max(float(expected.abs().max()), grad_scale if key.startswith("grad") else 1e-30)
         errors[key] = float((result[key].double() - expected).abs().max()) / scale
     return errors
 
