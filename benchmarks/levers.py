@@ -15,6 +15,7 @@ dense maps, visible rows read back by the mask), ``nchw`` (``channels_last=False
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
-    if args.threads:
+    if args.threads:  # MinkowskiEngine's ops reset OpenMP's thread count unless OMP_NUM_THREADS is set
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
     steps = _steps(args)
     for step in steps.values():  # warm-up (and compilation) outside the timed rounds
