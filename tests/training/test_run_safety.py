@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -375,7 +376,11 @@ def test_torchrun_lock_and_sigterm_to_one_rank(tmp_path: Path) -> None:
     finally:
         if first.poll() is None:
             first.kill()
-    assert output.count("exitcode  : 75") == 2, output[-3000:]
+    # torchrun SIGTERMs the ranks still running once one rank has exited: the first to exit reports 75 (the
+    # resumable stop), a slower sibling may be reported as -15; the checkpoint and the exact resume below
+    # show both ranks stopped at the same step
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", output)
+    assert "75" in codes and set(codes) <= {"75", "-15"}, output[-3000:]
     log = (run_dir / "pretrain.log").read_text()
     stopped = [line for line in log.splitlines() if "stopped by a signal to another rank after step" in line]
     assert len(stopped) == 1, log[-3000:]
