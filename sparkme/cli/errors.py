@@ -48,7 +48,9 @@ def report_error(prog: str, error: BaseException, *, log_files: bool = False) ->
     line = f"{prog}: error: {one_line(error)}"
     if os.environ.get("SPARKME_TRACEBACK"):
         traceback.print_exception(error, file=sys.stderr)
-    print(line, file=sys.stderr, flush=True)
+    # one write, newline included: ranks of one launch share a pipe, and a pipe write this short is atomic
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
     if log_files:
         _append_to_log_files(line)
     return line
