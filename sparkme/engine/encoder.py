@@ -162,7 +162,9 @@ class SparseEncoder(nn.Module):
         if visible.shape[0] != batch:
             raise ValueError(f"visible has batch {visible.shape[0]}, images have {batch}")
         map_type = ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU
-        manager = ME.CoordinateManager(D=2, coordinate_map_type=map_type)
+        # ME sets OpenMP's thread count to its num_threads (default: the CPU count) when it builds a
+        # manager; passing the caller's count leaves torch.get_num_threads() as the caller set it
+        manager = ME.CoordinateManager(D=2, num_threads=torch.get_num_threads(), coordinate_map_type=map_type)
         coords = visible.nonzero().to(torch.int32).contiguous()
         if coords.shape[0] == 0:
             raise ValueError("the mask hides every pixel of every image; nothing to encode")
