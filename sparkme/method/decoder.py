@@ -1,4 +1,4 @@
-"""LightDecoder: the paper's light UNet decoder (appendix A), for any number of scales."""
+"""LightDecoder: the paper's light UNet decoder (appendix A), for any number of scales, in 2D or 3D."""
 
 from __future__ import annotations
 
@@ -9,17 +9,23 @@ from torch import nn
 
 __all__ = ["LightDecoder", "UpBlock", "init_decoder_weights"]
 
+# (conv, transposed conv, BatchNorm) for images (2) and volumes (3)
+LAYERS = {
+    2: (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d),
+    3: (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d),
+}
+
 
 def init_decoder_weights(module: nn.Module) -> None:
     """Official SparK decoder init for every submodule of ``module``.
 
-    Conv2d and Linear: truncated normal std 0.02 (cut at +-2, i.e. plain normal), bias 0;
-    ConvTranspose2d: Kaiming normal (fan_out, ReLU gain), bias 0; BatchNorm and LayerNorm: 1 and 0.
+    Conv2d/Conv3d and Linear: truncated normal std 0.02 (cut at +-2, i.e. plain normal), bias 0;
+    ConvTranspose2d/3d: Kaiming normal (fan_out, ReLU gain), bias 0; BatchNorm and LayerNorm: 1 and 0.
     """
     for layer in module.modules():
-        if isinstance(layer, nn.Conv2d | nn.Linear):
+        if isinstance(layer, nn.Conv2d | nn.Conv3d | nn.Linear):
             nn.init.trunc_normal_(layer.weight, std=0.02)
-        elif isinstance(layer, nn.ConvTranspose2d):
+        elif isinstance(layer, nn.ConvTranspose2d | nn.ConvTranspose3d):
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(layer, nn.modules.batchnorm._BatchNorm | nn.LayerNorm):
             nn.init.ones_(layer.weight)
@@ -29,18 +35,26 @@ def init_decoder_weights(module: nn.Module) -> None:
             nn.init.zeros_(layer.bias)
 
 
-class UpBlock(nn.Module):
-    """2x transposed-conv upsample, then conv3x3-BN-ReLU6-conv3x3-BN (``cin`` -> ``cout`` channels)."""
+def _layers(spatial_dims: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+    if spatial_dims not in LAYERS:
+        raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims}")
+    return LAYERS[spatial_dims]
 
-    def __init__(self, cin: int, cout: int) -> None:
+
+class UpBlock(nn.Module):
+    """2x transposed-conv upsample, then conv3x3-BN-ReLU6-conv3x3-BN (``cin`` -> ``cout`` channels);
+    3x3x3 convolutions and BatchNorm3d with ``spatial_dims=3``."""
+
+    def __init__(self, cin: int, cout: int, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
+        conv, transposed, norm = _layers(spatial_dims)
+        self.up = transposed(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
         self.conv = nn.Sequential(
-            nn.Conv2d(cin, cin, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(cin),
+            conv(cin, cin, kernel_size=3, padding=1, bias=False),
+            norm(cin),
             nn.ReLU6(inplace=True),
-            nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
+            conv(cin, cout, kernel_size=3, padding=1, bias=False),
+            norm(cout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,13 +67,17 @@ class LightDecoder(nn.Module):
     There are ``n = log2(upsample_ratio)`` blocks and ``n + 1`` levels; level ``i`` sits at stride
     ``upsample_ratio / 2**i`` with ``width // 2**i`` channels (``level_widths``). ``forward(features)``
     takes one tensor (or ``None``) per level, deepest first; a tensor at level ``i`` is added before
-    block ``i`` (level ``n``, stride 1, is added before the final 1x1 conv to 3 channels).
+    block ``i`` (level ``n``, stride 1, is added before the final 1x1 conv to ``out_channels``).
     ``LightDecoder(768, 32)`` is the paper's decoder: widths 768, 384, 192, 96, 48, 24. Weights
-    start from :func:`init_decoder_weights` (the official rule).
+    start from :func:`init_decoder_weights` (the official rule). ``spatial_dims=3`` is the same
+    decoder for volumes (transposed 4x4x4 upsample, 3x3x3 convs, BatchNorm3d, 1x1x1 head).
     """
 
-    def __init__(self, width: int = 768, upsample_ratio: int = 32, out_channels: int = 3) -> None:
+    def __init__(
+        self, width: int = 768, upsample_ratio: int = 32, out_channels: int = 3, spatial_dims: int = 2
+    ) -> None:
         super().__init__()
+        conv = _layers(spatial_dims)[0]
         num_blocks = round(math.log2(upsample_ratio)) if upsample_ratio >= 1 else -1
         if upsample_ratio < 1 or 2**num_blocks != upsample_ratio:
             raise ValueError(f"upsample_ratio must be a power of two >= 1 (got {upsample_ratio})")
@@ -69,11 +87,12 @@ class LightDecoder(nn.Module):
             )
         self.width = width
         self.upsample_ratio = upsample_ratio
+        self.spatial_dims = spatial_dims
         self.level_widths = [width // 2**i for i in range(num_blocks + 1)]
         self.blocks = nn.ModuleList(
-            UpBlock(cin, cout) for cin, cout in zip(self.level_widths[:-1], self.level_widths[1:])
+            UpBlock(cin, cout, spatial_dims) for cin, cout in zip(self.level_widths[:-1], self.level_widths[1:])
         )
-        self.head = nn.Conv2d(self.level_widths[-1], out_channels, kernel_size=1, bias=True)
+        self.head = conv(self.level_widths[-1], out_channels, kernel_size=1, bias=True)
         init_decoder_weights(self)
 
     @property
