@@ -1,4 +1,4 @@
-"""Fixtures for the method tests: a masked-dense stand-in encoder (no sparse engine needed)."""
+"""Fixtures for the method tests: masked-dense stand-in encoders for images and volumes (no sparse engine needed)."""
 
 from __future__ import annotations
 
@@ -55,5 +55,55 @@ def stand_in_encoder():
     def build(strides: tuple[int, ...] = (4, 8, 16, 32), channels: tuple[int, ...] | None = None) -> nn.Module:
         torch.manual_seed(0)
         return MaskedDenseEncoder(strides, channels)
+
+    return build
+
+
+class MaskedDenseVolumeEncoder(nn.Module):
+    """The 3D twin of :class:`MaskedDenseEncoder`: Conv3d/BatchNorm3d stages on ``[B, C, D, H, W]``
+    volumes, hidden voxels zeroed at the input and every stage output zeroed at hidden sites.
+
+    It exposes what ``sparkme.sparsify(cnn3d)`` gives (``spatial_dims = 3``, ``in_channels``), so the
+    method can be tested in 3D without the sparse engine.
+    """
+
+    spatial_dims = 3
+
+    def __init__(
+        self, strides: tuple[int, ...] = (2, 4, 8), channels: tuple[int, ...] = (4, 8, 16), in_channels: int = 1
+    ):
+        super().__init__()
+        self.feature_strides, self.feature_channels = list(strides), list(channels)
+        self.downsample_ratio, self.norm_kind, self.in_channels = strides[-1], "bn", in_channels
+        stages, cin, previous = [], in_channels, 1
+        for stride, cout in zip(strides, channels):
+            step = stride // previous
+            conv = nn.Conv3d(cin, cout, kernel_size=step + (step == 2), stride=step, padding=int(step == 2))
+            stages.append(nn.Sequential(conv, nn.BatchNorm3d(cout), nn.ReLU()))
+            cin, previous = cout, stride
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, volumes: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
+        def at(size: torch.Size) -> torch.Tensor:
+            return nn.functional.interpolate(visible.to(volumes.dtype), size=tuple(size), mode="nearest")
+
+        x = volumes * at(volumes.shape[-3:])
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x * at(x.shape[-3:]))
+            x = features[-1]
+        return features
+
+
+@pytest.fixture
+def stand_in_volume_encoder():
+    """Factory: ``stand_in_volume_encoder(strides=(2, 4, 8), channels=(4, 8, 16), in_channels=1)``."""
+
+    def build(
+        strides: tuple[int, ...] = (2, 4, 8), channels: tuple[int, ...] = (4, 8, 16), in_channels: int = 1
+    ) -> nn.Module:
+        torch.manual_seed(0)
+        return MaskedDenseVolumeEncoder(strides, channels, in_channels)
 
     return build
