@@ -37,16 +37,20 @@ _ELEMENTWISE_LEAVES: tuple[type[nn.Module], ...] = (
     nn.Dropout,
     nn.AlphaDropout,
 )
+_CONVS = (nn.Conv2d, nn.Conv3d)
+_MAX_POOLS = (nn.MaxPool2d, nn.MaxPool3d)
+_AVG_POOLS = (nn.AvgPool2d, nn.AvgPool3d)
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)
 _KNOWN_LEAVES: tuple[type[nn.Module], ...] = (
-    nn.Conv2d,
+    *_CONVS,
     nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
     nn.GroupNorm,
     nn.LayerNorm,
     nn.Linear,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
+    *_MAX_POOLS,
+    *_AVG_POOLS,
+    *_GLOBAL_POOLS,
 )
 # timm leaves whose forward is per site, per sample or already handled by the sparse ops
 _TIMM_LEAF_NAMES = {"DropPath", "GlobalResponseNorm", "LayerNorm", "LayerNorm2d", "BatchNormAct2d", "GroupNorm1"}
@@ -56,12 +60,20 @@ _REFUSED = {
         nn.UpsamplingNearest2d,
         nn.UpsamplingBilinear2d,
     ),
-    "a transposed convolution creates sites that were not active": (nn.ConvTranspose1d, nn.ConvTranspose2d),
+    "a transposed convolution creates sites that were not active": (
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+    ),
     "explicit padding shifts the dense grid against the sparse sites": (
         nn.ZeroPad2d,
         nn.ConstantPad2d,
         nn.ReflectionPad2d,
         nn.ReplicationPad2d,
+        nn.ZeroPad3d,
+        nn.ConstantPad3d,
+        nn.ReflectionPad3d,
+        nn.ReplicationPad3d,
     ),
     "attention mixes every position, hidden ones included": (nn.MultiheadAttention,),
     "it rearranges space and channels, which has no sparse twin": (
@@ -82,7 +94,7 @@ def module_problem(module: nn.Module) -> str | None:
     cls = type(module).__name__
     if type(module).__module__.startswith("timm.") and ("Attention" in cls or cls.endswith("Attn")):
         return "attention mixes every position, hidden ones included"
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, _CONVS):
         if cls.endswith("Same"):
             return "it pads dynamically and asymmetrically ('same' padding), shifting the grid against the sparse sites"
         if module.padding_mode != "zeros":
@@ -90,21 +102,18 @@ def module_problem(module: nn.Module) -> str | None:
                 f"padding_mode={module.padding_mode!r} reads values beyond the border; only zero padding is supported"
             )
         return conv_geometry_problem(module.kernel_size, module.stride, module.padding, module.dilation)
-    if isinstance(module, nn.MaxPool2d):
+    dims = 3 if cls.endswith("3d") else 2
+    if isinstance(module, _MAX_POOLS):
         return pool_geometry_problem(
-            "max_pool2d", module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
-        )[0]
-    if isinstance(module, nn.AvgPool2d):
+            f"max_pool{dims}d", module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
+            dims=dims,
+        )[0]  # fmt: skip
+    if isinstance(module, _AVG_POOLS):
         return pool_geometry_problem(
-            "avg_pool2d",
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            1,
-            module.ceil_mode,
-            module.divisor_override,
-        )[0]
-    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and module.output_size not in (1, (1, 1)):
+            f"avg_pool{dims}d", module.kernel_size, module.stride, module.padding, 1, module.ceil_mode,
+            module.divisor_override, dims,
+        )[0]  # fmt: skip
+    if isinstance(module, _GLOBAL_POOLS) and module.output_size not in (1, (1,) * dims):
         return (
             f"adaptive pooling to {module.output_size} mixes hidden and visible sites; only output size 1 is supported"
         )
@@ -116,8 +125,8 @@ def module_problem(module: nn.Module) -> str | None:
     if cls in _TIMM_LEAF_NAMES or type(module).__module__.startswith("timm.layers.activations"):
         return None
     return (
-        "it is not a layer the sparse engine knows; supported leaves are Conv2d, BatchNorm, GroupNorm, LayerNorm, "
-        "Linear, Max/AvgPool2d, global pooling, activations, dropout, DropPath and GRN"
+        "it is not a layer the sparse engine knows; supported leaves are Conv2d/3d, BatchNorm, InstanceNorm, "
+        "GroupNorm, LayerNorm, Linear, Max/AvgPool2d/3d, global pooling, activations, dropout, DropPath and GRN"
     )
 
 

@@ -24,7 +24,7 @@ class SparseContext:
     """Per-forward state: the coordinate manager, batch and image size, the conv backend, and the
     stack of module labels running now (so errors can name the module)."""
 
-    def __init__(self, manager: Any, batch_size: int, image_size: tuple[int, int], conv_fn: Callable, device):
+    def __init__(self, manager: Any, batch_size: int, image_size: tuple[int, ...], conv_fn: Callable, device):
         self.manager = manager
         self.batch_size = batch_size
         self.image_size = image_size
@@ -34,11 +34,17 @@ class SparseContext:
         self._coordinates: dict[tuple, torch.Tensor] = {}
         self._counts: dict[tuple, torch.Tensor] = {}
 
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return len(self.image_size)
+
     def where(self) -> str:
         return f" in module {self.module_stack[-1]}" if self.module_stack else ""
 
     def coordinates(self, key: Any) -> torch.Tensor:
-        """``[N, 3]`` int64 (batch, y, x) in pixel units, row-aligned with the features on ``key``."""
+        """``[N, 1 + dims]`` int64 (batch, then y, x or z, y, x) in pixel units, row-aligned with the
+        features on ``key``."""
         ident = key_id(key)
         if ident not in self._coordinates:
             self._coordinates[ident] = self.manager.get_coordinates(key).long().to(self.device)

@@ -21,7 +21,7 @@ from torch.nn.modules import module as module_hooks
 from . import layers  # noqa: F401  (registers the sparse implementations)
 from .backends import DEFAULT_BACKEND, get_backend, supports_autocast
 from .check import check_modules
-from .hierarchy import Stage, encoder_forward, find_stages
+from .hierarchy import Stage, encoder_forward, find_stages, input_geometry
 from .layers.sync_bn import adopt_sync_batchnorms
 from .sites import visible_to_pixels
 from .sparse_map import SparseContext, SparseMap
@@ -90,10 +90,11 @@ class SparseEncoder(nn.Module):
     """A dense CNN that encodes only the visible pixels of masked images (see :func:`sparsify`).
 
     ``encoder(images, visible)`` returns the hierarchical features as dense tensors
-    ``[B, C_i, H / s_i, W / s_i]`` with zeros at hidden sites; ``forward_sparse`` returns
-    MinkowskiEngine ``SparseTensor``s. ``feature_channels``, ``feature_strides``,
-    ``downsample_ratio`` (the patch side), ``norm_kind`` ("bn" or "ln") and ``model_name``
-    describe it to the SparK model.
+    ``[B, C_i, H / s_i, W / s_i]`` with zeros at hidden sites (volumes: ``[B, C, D, H, W]`` in,
+    ``[B, C_i, D / s_i, H / s_i, W / s_i]`` out, for a CNN built from ``Conv3d``); ``forward_sparse``
+    returns MinkowskiEngine ``SparseTensor``s. ``feature_channels``, ``feature_strides``,
+    ``downsample_ratio`` (the patch side), ``norm_kind`` ("bn" or "ln"), ``spatial_dims`` (2 or 3),
+    ``in_channels`` and ``model_name`` describe it to the SparK model.
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class SparseEncoder(nn.Module):
         self.downsample_ratio = self.feature_strides[-1]
         self.model_name = model_name
         self.norm_kind = norm_kind
+        self.spatial_dims, self.in_channels = input_geometry(model)
         self.set_backend(backend)
 
     def set_backend(self, name: str) -> None:
@@ -149,34 +151,37 @@ class SparseEncoder(nn.Module):
         """The visible pixels of ``images`` as the first sparse map (coordinates from the mask)."""
         import MinkowskiEngine as ME
 
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-            raise ValueError(f"images must be a float tensor [B, C, H, W], got {getattr(images, 'shape', images)!r}")
-        batch, _, height, width = images.shape
+        dims = self.spatial_dims
+        layout = "[B, C, D, H, W]" if dims == 3 else "[B, C, H, W]"
+        if not isinstance(images, torch.Tensor) or images.dim() != dims + 2 or not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor {layout}, got {getattr(images, 'shape', images)!r}")
+        batch, size = images.shape[0], tuple(images.shape[2:])
         ratio = self.downsample_ratio
-        if height % ratio or width % ratio:
+        if any(side % ratio for side in size):
             raise ValueError(
-                f"image size {height}x{width} is not a multiple of the encoder's downsample ratio {ratio}; "
-                f"resize or crop to a multiple of {ratio}"
+                f"input size {'x'.join(str(side) for side in size)} is not a multiple of the encoder's "
+                f"downsample ratio {ratio}; resize or crop to a multiple of {ratio}"
             )
-        visible = visible_to_pixels(visible.to(images.device), (height, width))
+        visible = visible_to_pixels(visible.to(images.device), size)
         if visible.shape[0] != batch:
             raise ValueError(f"visible has batch {visible.shape[0]}, images have {batch}")
         map_type = ME.CoordinateMapType.CUDA if images.is_cuda else ME.CoordinateMapType.CPU
         # ME sets OpenMP's thread count to its num_threads (default: the CPU count) when it builds a
         # manager; passing the caller's count leaves torch.get_num_threads() as the caller set it
-        manager = ME.CoordinateManager(D=2, num_threads=torch.get_num_threads(), coordinate_map_type=map_type)
+        manager = ME.CoordinateManager(D=dims, num_threads=torch.get_num_threads(), coordinate_map_type=map_type)
         coords = visible.nonzero().to(torch.int32).contiguous()
         if coords.shape[0] == 0:
             raise ValueError("the mask hides every pixel of every image; nothing to encode")
-        key, (unique, _) = manager.insert_and_map(coords, tensor_stride=[1, 1], string_id="")
+        key, (unique, _) = manager.insert_and_map(coords, tensor_stride=[1] * dims, string_id="")
         rows = coords.long().index_select(0, unique.long().to(coords.device))
-        features = images.permute(0, 2, 3, 1)[rows[:, 0], rows[:, 1], rows[:, 2]]
-        ctx = SparseContext(manager, batch, (height, width), get_backend(self.backend), images.device)
-        return SparseMap(features, key, (1, 1), ctx)
+        features = images.permute(0, *range(2, dims + 2), 1)[rows.unbind(1)]
+        ctx = SparseContext(manager, batch, size, get_backend(self.backend), images.device)
+        return SparseMap(features, key, (1,) * dims, ctx)
 
     @torch.compiler.disable
     def forward(self, images: torch.Tensor, visible: torch.Tensor) -> list[torch.Tensor]:
-        """Hierarchical features as dense ``[B, C_i, H_i, W_i]`` tensors, zeros at hidden sites."""
+        """Hierarchical features as dense ``[B, C_i, H_i, W_i]`` (volumes ``[B, C_i, D_i, H_i, W_i]``) tensors,
+        zeros at hidden sites."""
         return [m.dense() for m in self.forward_maps(images, visible)]
 
     @torch.compiler.disable
@@ -241,5 +246,6 @@ def sparsify(cnn: nn.Module, stages: Sequence[str] | None = None, backend: str =
     scope = _scope(model, found, fired)
     check_modules(scope)
     _freeze_unrun(model, scope)
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m in scope)
+    batch_statistics = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    has_bn = any(isinstance(m, batch_statistics) for _, m in scope)
     return SparseEncoder(model, found, backend, _model_name(model), "bn" if has_bn else "ln")

@@ -13,9 +13,44 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Stage", "find_stages", "resolve_module", "encoder_forward", "PROBE_SIZE"]
+__all__ = ["Stage", "find_stages", "resolve_module", "encoder_forward", "input_geometry", "PROBE_SIZE"]
 
-PROBE_SIZE = 256
+PROBE_SIZE = 256  # side of the probe's blank image (volumes: PROBE_SIZE_3D, to keep the probe small)
+PROBE_SIZE_3D = 64
+
+
+def input_geometry(model: nn.Module) -> tuple[int, int]:
+    """``(spatial dims, input channels)`` of a CNN, read from its first convolution (2, 3 without one)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv3d):
+            return 3, module.in_channels
+        if isinstance(module, nn.Conv2d):
+            return 2, module.in_channels
+    return 2, 3
+
+
+@dataclass(frozen=True)
+class _ProbeInput:
+    dims: int
+    channels: int
+
+    @property
+    def size(self) -> int:
+        return PROBE_SIZE_3D if self.dims == 3 else PROBE_SIZE
+
+    def describe(self) -> str:
+        return "x".join(str(n) for n in (1, self.channels, *(self.size,) * self.dims))
+
+    def is_map(self, value: object) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() == self.dims + 2
+
+    def reduction(self, shape: tuple[int, ...]) -> int | None:
+        """The map's reduction when every side of ``shape[2:]`` divides the probe size equally, else None."""
+        sides = set(shape[2:])
+        side = shape[2]
+        if len(sides) != 1 or side <= 1 or self.size % side:
+            return None
+        return self.size // side
 
 
 @dataclass(frozen=True)
@@ -59,20 +94,18 @@ class _ProbeDone(BaseException):
     ``BaseException`` so that a model's own ``except Exception`` cannot swallow it."""
 
 
-def _is_map(value: object) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == 4
-
-
-def _probe(model: nn.Module, names: Sequence[str] | None) -> list[tuple[int, str, tuple[int, ...] | None]]:
-    """Dense forward of a blank image; records ``(order, name, shape)`` of every module call in order
-    of completion (``shape`` None when the output is not a 4-d tensor).
+def _probe(
+    model: nn.Module, names: Sequence[str] | None, probe: _ProbeInput
+) -> list[tuple[int, str, tuple[int, ...] | None]]:
+    """Dense forward of a blank image (or volume); records ``(order, name, shape)`` of every module call
+    in order of completion (``shape`` None when the output is not a spatial map).
 
     With ``names`` the probe stops once they have all run. One failure is expected and ends the
     probe: a head module fed flat features (a classifier built for another input size) raising a
     ``RuntimeError``. Any other failure is reported.
     """
     records: list[tuple[int, str, tuple[int, ...] | None]] = []
-    running: list[tuple[str, bool]] = []  # (name, fed a 4-d map) of the modules entered, not yet left
+    running: list[tuple[str, bool]] = []  # (name, fed a spatial map) of the modules entered, not yet left
     pending = set(names) if names is not None else None
     handles = []
     for name, module in model.named_modules():
@@ -80,19 +113,19 @@ def _probe(model: nn.Module, names: Sequence[str] | None) -> list[tuple[int, str
             continue
 
         def enter(_module, inputs, name=name):
-            running.append((name, any(_is_map(i) for i in inputs)))
+            running.append((name, any(probe.is_map(i) for i in inputs)))
 
         def leave(_module, _inputs, output, name=name):
             running.pop()
-            records.append((len(records), name, tuple(output.shape) if _is_map(output) else None))
-            if pending is not None and _is_map(output):
+            records.append((len(records), name, tuple(output.shape) if probe.is_map(output) else None))
+            if pending is not None and probe.is_map(output):
                 pending.discard(name)
                 if not pending:
                     raise _ProbeDone
 
         handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
     try:
-        _dense_forward(model)
+        _dense_forward(model, probe)
     except _ProbeDone:
         pass
     except Exception as err:
@@ -101,7 +134,7 @@ def _probe(model: nn.Module, names: Sequence[str] | None) -> list[tuple[int, str
         if not (records and in_head):
             where = f" in module {failing[0]!r}" if failing else ""
             raise ValueError(
-                f"a dense probe forward of {type(model).__name__} on a 1x3x{PROBE_SIZE}x{PROBE_SIZE} image failed"
+                f"a dense probe forward of {type(model).__name__} on a {probe.describe()} input failed"
                 f"{where} ({type(err).__name__}: {err}); pass stages=[module names]"
             ) from err
     finally:
@@ -110,8 +143,8 @@ def _probe(model: nn.Module, names: Sequence[str] | None) -> list[tuple[int, str
     return records
 
 
-def _dense_forward(model: nn.Module) -> None:
-    """One eval-mode, no-grad forward of a blank ``PROBE_SIZE`` image; training flags restored."""
+def _dense_forward(model: nn.Module, probe: _ProbeInput) -> None:
+    """One eval-mode, no-grad forward of a blank probe input; training flags restored."""
     parameter = next(model.parameters(), None)
     dtype = parameter.dtype if parameter is not None else torch.float32
     device = parameter.device if parameter is not None else "cpu"
@@ -119,7 +152,8 @@ def _dense_forward(model: nn.Module) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            encoder_forward(model)(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, dtype=dtype, device=device))
+            shape = (1, probe.channels, *(probe.size,) * probe.dims)
+            encoder_forward(model)(torch.zeros(shape, dtype=dtype, device=device))
     finally:
         for module, training in modes.items():
             module.train(training)
@@ -141,27 +175,28 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None = None) -> tuple[
         resolved = [resolve_module(model, s)[0] for s in stages]
         if all(name in by_name for name in resolved):
             return [Stage(n, int(by_name[n]["num_chs"]), int(by_name[n]["reduction"])) for n in resolved], []
+    return _probed_stages(model, stages, _ProbeInput(*input_geometry(model)))
+
+
+def _probed_stages(model: nn.Module, stages: Sequence[str] | None, probe: _ProbeInput) -> tuple[list[Stage], list[str]]:
+    """The stages found by a dense probe forward: the named ones, else the last module per reduction >= 4."""
     if stages is not None:
         resolved = [resolve_module(model, s)[0] for s in stages]
-        records = _probe(model, resolved)
+        records = _probe(model, resolved, probe)
         last = {name: (order, shape) for order, name, shape in records if shape is not None}
         missing = [name for name in resolved if name not in last]
         if missing:
             raise ValueError(
-                f"stage modules {missing} produced no 4-d tensor in a dense forward of {type(model).__name__}"
+                f"stage modules {missing} produced no {probe.dims + 2}-d map of the input in a dense forward "
+                f"of {type(model).__name__}"
             )
         chosen = sorted((last[name][0], name, last[name][1]) for name in resolved)
     else:
-        records = _probe(model, None)
+        records = _probe(model, None, probe)
         by_reduction: dict[int, tuple[int, str, tuple[int, ...]]] = {}
         for order, name, shape in records:
-            if shape is None:
-                continue
-            height = shape[2]
-            if height <= 1 or PROBE_SIZE % height or shape[3] * (PROBE_SIZE // height) != PROBE_SIZE:
-                continue
-            reduction = PROBE_SIZE // height
-            if reduction >= 4:
+            reduction = probe.reduction(shape) if shape is not None else None
+            if reduction is not None and reduction >= 4:
                 by_reduction[reduction] = (order, name, shape)
         if not by_reduction:
             raise ValueError(
@@ -170,7 +205,7 @@ def find_stages(model: nn.Module, stages: Sequence[str] | None = None) -> tuple[
         chosen = sorted(by_reduction.values())
     last_order = chosen[-1][0]
     fired = sorted({name for order, name, _ in records if order <= last_order})
-    result = [Stage(name, shape[1], PROBE_SIZE // shape[2]) for _, name, shape in chosen]
+    result = [Stage(name, shape[1], probe.size // shape[2]) for _, name, shape in chosen]
     strides = [s.stride for s in result]
     if strides != sorted(strides):
         raise ValueError(f"stages {[s.name for s in result]} do not run in order of increasing stride {strides}")

@@ -1,4 +1,4 @@
-"""From a visibility mask to the pixel sites (coordinates) the sparse encoder computes on."""
+"""From a visibility mask to the pixel (or voxel) sites the sparse encoder computes on."""
 
 from __future__ import annotations
 
@@ -7,36 +7,42 @@ import torch
 __all__ = ["visible_to_pixels", "visible_to_sites"]
 
 
-def visible_to_pixels(visible: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+def visible_to_pixels(visible: torch.Tensor, image_size: tuple[int, ...]) -> torch.Tensor:
     """Bring a visibility mask to pixel resolution.
 
-    ``visible`` is bool ``[B, 1, h, w]`` (or ``[B, h, w]``) at patch resolution (``H`` and
-    ``W`` multiples of ``h`` and ``w``) or already at pixel resolution. Returns bool
-    ``[B, H, W]``, True where a pixel is visible.
+    ``visible`` is bool ``[B, 1, *grid]`` (or ``[B, *grid]``) at patch resolution (every side of
+    ``image_size`` the same multiple of the grid's) or already at pixel resolution; ``image_size``
+    is ``(H, W)`` for images, ``(D, H, W)`` for volumes. Returns bool ``[B, *image_size]``, True
+    where a pixel is visible.
     """
-    if visible.dim() == 4:
+    dims = len(image_size)
+    shape = "[B, 1, " + ", ".join("dhw"[3 - dims :]) + "]"
+    if visible.dim() == dims + 2:
         if visible.shape[1] != 1:
-            raise ValueError(f"visible must be [B, 1, h, w] (one channel), got shape {tuple(visible.shape)}")
+            raise ValueError(f"visible must be {shape} (one channel), got shape {tuple(visible.shape)}")
         visible = visible[:, 0]
-    if visible.dim() != 3:
-        raise ValueError(f"visible must be [B, 1, h, w] or [B, h, w], got shape {tuple(visible.shape)}")
+    if visible.dim() != dims + 1:
+        raise ValueError(f"visible must be {shape} or without the channel dim, got shape {tuple(visible.shape)}")
     if visible.dtype != torch.bool:
         raise ValueError(f"visible must be a bool tensor (True = visible), got dtype {visible.dtype}")
-    height, width = image_size
-    h, w = visible.shape[-2:]
-    if height % h or width % w or height // h != width // w:
+    grid = tuple(visible.shape[1:])
+    ratios = {side // cells if cells and side % cells == 0 else 0 for side, cells in zip(image_size, grid)}
+    if len(ratios) != 1 or 0 in ratios:
+        size = "x".join(str(s) for s in image_size)
         raise ValueError(
-            f"visible grid {h}x{w} does not tile the {height}x{width} image with square patches; "
-            "pass the mask at patch resolution (image side / patch side) or at pixel resolution"
+            f"visible grid {'x'.join(str(g) for g in grid)} does not tile the {size} input with "
+            f"{'cubic' if dims == 3 else 'square'} patches; pass the mask at patch resolution "
+            "(input side / patch side) or at pixel resolution"
         )
-    patch = height // h
-    if patch > 1:
-        visible = visible.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
+    patch = ratios.pop()
+    for axis in range(1, dims + 1) if patch > 1 else ():
+        visible = visible.repeat_interleave(patch, dim=axis)
     return visible
 
 
-def visible_to_sites(visible: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """Coordinates ``[N, 3]`` (int32: batch, y, x) of the visible pixels, in row-major order.
+def visible_to_sites(visible: torch.Tensor, image_size: tuple[int, ...]) -> torch.Tensor:
+    """Coordinates ``[N, 1 + dims]`` (int32: batch, then each spatial axis) of the visible pixels, in
+    row-major order.
 
     Sites come from the mask, never from feature values: a visible black pixel is still a site.
     The SparK model reuses this to know where the encoder's outputs live.

@@ -55,7 +55,8 @@ class _Cell:
 
 class SparseMap:
     """Features ``[N, C]`` at the active sites of a ``[B, C, H, W]`` map (or ``[B, H, W, C]`` after a
-    ``permute(0, 2, 3, 1)``: ``channels_last``). ``tensor_stride`` is the map's stride in pixels."""
+    ``permute(0, 2, 3, 1)``: ``channels_last``), or of a ``[B, C, D, H, W]`` volume map.
+    ``tensor_stride`` is the map's stride in pixels, one entry per spatial axis."""
 
     __slots__ = ("_cell", "_channels", "key", "tensor_stride", "ctx", "channels_last")
 
@@ -63,7 +64,7 @@ class SparseMap:
         self,
         features: torch.Tensor,
         key: Any,
-        tensor_stride: tuple[int, int],
+        tensor_stride: tuple[int, ...],
         ctx: SparseContext,
         channels_last: bool = False,
     ):
@@ -117,31 +118,29 @@ class SparseMap:
     def dense(self) -> torch.Tensor:
         """Scatter into a dense tensor of the logical shape, zeros at inactive sites (differentiable)."""
         coords = self.ctx.coordinates(self.key)
-        sy, sx = self.tensor_stride
         features = self.features
-        batch, height, width = self.ctx.batch_size, *self.spatial_size
-        grid = features.new_zeros(batch, height, width, features.shape[1])
-        grid = grid.index_put((coords[:, 0], coords[:, 1] // sy, coords[:, 2] // sx), features)
-        return grid if self.channels_last else grid.permute(0, 3, 1, 2).contiguous()
+        grid = features.new_zeros(self.ctx.batch_size, *self.spatial_size, features.shape[1])
+        sites = (coords[:, 0], *(coords[:, 1 + axis] // s for axis, s in enumerate(self.tensor_stride)))
+        grid = grid.index_put(sites, features)
+        return grid if self.channels_last else grid.permute(0, self.ndim - 1, *range(1, self.ndim - 1)).contiguous()
 
     # ---- tensor-like attributes ---------------------------------------------------------
     @property
-    def spatial_size(self) -> tuple[int, int]:
-        (height, width), (sy, sx) = self.ctx.image_size, self.tensor_stride
-        return (-(-height // sy), -(-width // sx))
+    def spatial_size(self) -> tuple[int, ...]:
+        return tuple(-(-side // stride) for side, stride in zip(self.ctx.image_size, self.tensor_stride))
 
     @property
     def shape(self) -> torch.Size:
-        batch, channels, (height, width) = self.ctx.batch_size, self.features.shape[1], self.spatial_size
+        batch, channels, space = self.ctx.batch_size, self.features.shape[1], self.spatial_size
         if self.channels_last:
-            return torch.Size((batch, height, width, channels))
-        return torch.Size((batch, channels, height, width))
+            return torch.Size((batch, *space, channels))
+        return torch.Size((batch, channels, *space))
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
 
     def dim(self) -> int:
-        return 4
+        return 2 + self.ctx.spatial_dims
 
     ndim = property(dim)
 
@@ -166,11 +165,18 @@ class SparseMap:
 
     @property
     def channel_dim(self) -> int:
-        return 3 if self.channels_last else 1
+        return self.ndim - 1 if self.channels_last else 1
 
     @property
-    def spatial_dims(self) -> tuple[int, int]:
-        return (1, 2) if self.channels_last else (2, 3)
+    def spatial_dims(self) -> tuple[int, ...]:
+        """The logical dims that are space: ``(2, 3)`` for ``[B, C, H, W]``, ``(1, 2)`` channels-last."""
+        first = 1 if self.channels_last else 2
+        return tuple(range(first, first + self.ctx.spatial_dims))
+
+    @property
+    def channels_last_format(self) -> torch.memory_format:
+        """torch's channels-last memory format for this map's rank."""
+        return torch.channels_last if self.ctx.spatial_dims == 2 else torch.channels_last_3d
 
     def new_empty(self, *args, **kwargs) -> torch.Tensor:
         return self.features.new_empty(*args, **kwargs)
@@ -205,12 +211,14 @@ class SparseMap:
         """A view: only channels-first <-> channels-last keeps the sites' meaning."""
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = tuple(dims[0])
-        dims = tuple(d % 4 for d in dims)
-        if dims == (0, 1, 2, 3):
+        rank = self.ndim
+        dims = tuple(d % rank for d in dims)
+        space = tuple(range(1, rank - 1))
+        if dims == tuple(range(rank)):
             return self._view()
-        if not self.channels_last and dims == (0, 2, 3, 1):
+        if not self.channels_last and dims == (0, *(d + 1 for d in space), 1):
             return self._view(channels_last=True)
-        if self.channels_last and dims == (0, 3, 1, 2):
+        if self.channels_last and dims == (0, rank - 1, *space):
             return self._view(channels_last=False)
         raise UnsupportedLayerError(
             f"permute{dims} on a sparse map{self.ctx.where()}: only channels-first <-> channels-last is supported"
@@ -218,22 +226,23 @@ class SparseMap:
 
     def is_contiguous(self, memory_format: torch.memory_format = torch.contiguous_format) -> bool:
         whole = self._channels is None or len(self._channels) == self._cell.value.shape[1]
-        if memory_format == torch.channels_last:
+        if memory_format == self.channels_last_format:
             return whole and self._cell.channels_last and not self.channels_last
         return whole and self._cell.channels_last == self.channels_last
 
     def contiguous(self, memory_format: torch.memory_format = torch.contiguous_format) -> SparseMap:
         """Self when already contiguous (like torch), else a copy: later in-place ops stay apart."""
-        if memory_format not in (torch.contiguous_format, torch.channels_last, torch.preserve_format):
+        channels_last = self.channels_last_format
+        if memory_format not in (torch.contiguous_format, channels_last, torch.preserve_format):
             raise UnsupportedLayerError(f"contiguous({memory_format}) on a sparse map{self.ctx.where()}")
         if memory_format == torch.preserve_format or self.is_contiguous(memory_format):
             return self
-        if memory_format == torch.channels_last and self.channels_last:
+        if memory_format == channels_last and self.channels_last:
             raise UnsupportedLayerError(
                 f"contiguous(channels_last) on a channels-last sparse map{self.ctx.where()}: its dims are not NCHW"
             )
         copy = self.with_features(self.features)
-        copy._cell.channels_last = memory_format == torch.channels_last or self.channels_last
+        copy._cell.channels_last = memory_format == channels_last or self.channels_last
         return copy
 
     def clone(self, *, memory_format: torch.memory_format = torch.preserve_format) -> SparseMap:
@@ -245,11 +254,12 @@ class SparseMap:
         entries = index if isinstance(index, tuple) else (index,)
         if sum(e is Ellipsis for e in entries) > 1:
             raise UnsupportedLayerError(f"indexing a sparse map with {index!r}{self.ctx.where()}")
+        rank = self.ndim
         if Ellipsis in entries:
             at = entries.index(Ellipsis)
-            entries = entries[:at] + (slice(None),) * (4 - len(entries) + 1) + entries[at + 1 :]
-        entries = entries + (slice(None),) * (4 - len(entries))
-        channel = entries[self.channel_dim] if len(entries) == 4 else None
+            entries = entries[:at] + (slice(None),) * (rank - len(entries) + 1) + entries[at + 1 :]
+        entries = entries + (slice(None),) * (rank - len(entries))
+        channel = entries[self.channel_dim] if len(entries) == rank else None
         others = [e for d, e in enumerate(entries) if d != self.channel_dim]
         step = channel.step if isinstance(channel, slice) and channel.step is not None else 1
         if (

@@ -29,6 +29,8 @@ reuse them. Semantics are ME's, see ``backends/__init__.py``.
 
 from __future__ import annotations
 
+import math
+
 import MinkowskiEngine as ME
 import torch
 import torch.nn.functional as F
@@ -170,15 +172,16 @@ def _depthwise_via_dense(features: torch.Tensor, weight: torch.Tensor, plan: Nei
     active outputs are exactly the submanifold ones. Used for the input gradient too (the same conv
     with the flipped kernel); the weight gradient stays a blocked sparse sum.
     """
-    batch, height, width = plan.grid
+    dims = len(plan.kernel)
     channels = features.shape[1]
-    kh, kw = plan.kernel
-    dense = features.new_zeros(batch * height * width, channels).index_copy_(0, plan.grid_rows, features)
-    image = dense.view(batch, height, width, channels).permute(0, 3, 1, 2)  # channels-last NCHW view
-    kernel = weight.view(kw, kh, channels).permute(2, 1, 0).unsqueeze(1)  # ME tap order -> [C, 1, kh, kw]
-    padding = (plan.dilation[0] * (kh // 2), plan.dilation[1] * (kw // 2))
-    out = F.conv2d(image, kernel, None, 1, padding, plan.dilation, channels)
-    return out.permute(0, 2, 3, 1).reshape(-1, channels).index_select(0, plan.grid_rows)
+    dense = features.new_zeros(math.prod(plan.grid), channels).index_copy_(0, plan.grid_rows, features)
+    image = dense.view(*plan.grid, channels).permute(0, dims + 1, *range(1, dims + 1))  # channels-last view
+    # ME tap order (first axis fastest) -> [C, 1, *kernel]
+    kernel = weight.view(*reversed(plan.kernel), channels).permute(dims, *range(dims - 1, -1, -1)).unsqueeze(1)
+    padding = tuple(d * (k // 2) for k, d in zip(plan.kernel, plan.dilation))
+    conv = F.conv2d if dims == 2 else F.conv3d
+    out = conv(image, kernel, None, 1, padding, plan.dilation, channels)
+    return out.permute(0, *range(2, dims + 2), 1).reshape(-1, channels).index_select(0, plan.grid_rows)
 
 
 def _row_blocks(num_rows: int, channels: int) -> list[tuple[int, int]]:
@@ -230,10 +233,12 @@ def _depthwise_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, plan: Ne
 
 
 def _check(x: ME.SparseTensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> None:
-    if x.D != 2:
-        raise ValueError(f"the gather backend supports 2-D sparse tensors only, got dimension {x.D}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be [out, in // groups, kh, kw] like nn.Conv2d, got shape {tuple(weight.shape)}")
+    if x.D not in (2, 3):
+        raise ValueError(f"the gather backend supports 2-D and 3-D sparse tensors, got dimension {x.D}")
+    if weight.dim() != 2 + x.D:
+        raise ValueError(
+            f"weight must be [out, in // groups, *kernel] like nn.Conv{x.D}d, got shape {tuple(weight.shape)}"
+        )
     out_channels, in_per_group = weight.shape[:2]
     if groups < 1 or out_channels % groups:
         raise ValueError(f"groups={groups} must divide the {out_channels} output channels")
@@ -255,20 +260,23 @@ def gather_conv(
     dilation: tuple[int, int],
     groups: int,
 ) -> ME.SparseTensor:
-    """Sparse 2-D convolution with ``nn.Conv2d``-layout ``weight``; same sites and values as ME's."""
+    """Sparse 2-D / 3-D convolution with ``nn.Conv2d`` / ``nn.Conv3d``-layout ``weight``; same sites and
+    values as ME's."""
     _check(x, weight, bias, groups)
     stride, dilation = tuple(int(s) for s in stride), tuple(int(d) for d in dilation)
-    out_channels, in_per_group, kh, kw = weight.shape
-    volume = kh * kw
+    out_channels, in_per_group, *kernel = weight.shape
+    dims, volume = len(kernel), math.prod(kernel)
     manager = x.coordinate_manager
-    out_key = x.coordinate_map_key if stride == (1, 1) else manager.stride(x.coordinate_map_key, list(stride))
+    unit = all(s == 1 for s in stride)
+    out_key = x.coordinate_map_key if unit else manager.stride(x.coordinate_map_key, list(stride))
     features = x.F
-    if volume == 1 and stride == (1, 1):
+    if volume == 1 and unit:
         out = _pointwise(features, weight, groups)
     else:
-        plan = neighbour_plan(x, out_key, (kh, kw), dilation, stride)
+        plan = neighbour_plan(x, out_key, tuple(kernel), dilation, stride)
         if groups > 1 and in_per_group == 1 and out_channels == groups:
-            taps = weight.reshape(out_channels, kh, kw).permute(2, 1, 0).reshape(volume, out_channels)
+            spatial_reversed = range(dims, 0, -1)  # ME's tap order: first spatial axis fastest
+            taps = weight.reshape(out_channels, *kernel).permute(*spatial_reversed, 0).reshape(volume, out_channels)
             out = _DepthwiseFunction.apply(features, taps, plan)
         else:
             out = _GatherConvFunction.apply(features, _conv_matrix(weight, groups), plan)
@@ -278,16 +286,16 @@ def gather_conv(
 
 
 def _conv_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """``nn.Conv2d`` weight ``[O, C_g, kh, kw]`` as the GEMM matrix ``[groups, K*C_g, O_g]`` (ME's offset order).
+    """``nn.ConvNd`` weight ``[O, C_g, *kernel]`` as the GEMM matrix ``[groups, K*C_g, O_g]`` (ME's offset order).
 
     Stored ``[groups, O_g, K*C_g]`` and returned transposed (a view; BLAS takes transposed operands
     for free): building it only reorders each output channel's ``C_g x K`` block, where the
     ``[K*C_g, O_g]`` layout would need a full, cache-hostile transpose of the weight every step.
     """
-    out_channels, in_per_group, kh, kw = weight.shape
-    out_g = out_channels // groups
-    stored = weight.view(groups, out_g, in_per_group, kh, kw).permute(0, 1, 4, 3, 2)
-    return stored.reshape(groups, out_g, kh * kw * in_per_group).transpose(1, 2)
+    out_channels, in_per_group, *kernel = weight.shape
+    out_g, dims = out_channels // groups, len(kernel)
+    stored = weight.view(groups, out_g, in_per_group, *kernel).permute(0, 1, *range(dims + 2, 2, -1), 2)
+    return stored.reshape(groups, out_g, math.prod(kernel) * in_per_group).transpose(1, 2)
 
 
 def _pointwise(features: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:

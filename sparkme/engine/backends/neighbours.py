@@ -8,6 +8,7 @@ and shares one set of scratch buffers per manager.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 
@@ -33,10 +34,10 @@ class NeighbourPlan:
     num_in: int
     symmetric: bool  # stride 1, odd kernel: input-grad is the flipped-kernel convolution
     scratch: Scratch = field(default_factory=lambda: Scratch(), repr=False)
-    kernel: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    grid: tuple[int, int, int] | None = None  # (B, H, W) of the input sites' dense grid (stride-1 plans)
-    grid_rows: torch.Tensor | None = field(default=None, repr=False)  # [num_in] flat index into B*H*W
+    kernel: tuple[int, ...] = (1, 1)
+    dilation: tuple[int, ...] = (1, 1)
+    grid: tuple[int, ...] | None = None  # (B, *spatial) of the input sites' dense grid (stride-1 plans)
+    grid_rows: torch.Tensor | None = field(default=None, repr=False)  # [num_in] flat index into the grid
     _inverse: torch.Tensor | None = field(default=None, repr=False)
     _columns: torch.Tensor | None = field(default=None, repr=False)
     _reversed: torch.Tensor | None = field(default=None, repr=False)
@@ -140,9 +141,9 @@ def _invert(table: torch.Tensor, num_in: int) -> torch.Tensor:
 def neighbour_plan(
     x: ME.SparseTensor,
     out_key: object,
-    kernel: tuple[int, int],
-    dilation: tuple[int, int],
-    stride: tuple[int, int],
+    kernel: tuple[int, ...],
+    dilation: tuple[int, ...],
+    stride: tuple[int, ...],
 ) -> NeighbourPlan:
     """The (cached) neighbour table from ``x``'s coordinates to ``out_key``'s, from ME's kernel map."""
     manager = x.coordinate_manager
@@ -155,7 +156,7 @@ def neighbour_plan(
             in_key, out_key, stride=list(stride), kernel_size=list(kernel), dilation=list(dilation)
         )
         num_in, num_out = manager.size(in_key), manager.size(out_key)
-        volume = kernel[0] * kernel[1]
+        volume = math.prod(kernel)
         table = torch.full((num_out * volume,), num_in, dtype=torch.long, device=x.device)
         if kernel_map:  # one scatter for all offsets (few large ops: cheap on busy, few-core CPUs)
             offsets = list(kernel_map)
@@ -164,7 +165,7 @@ def neighbour_plan(
             offset_of = torch.repeat_interleave(torch.tensor(offsets, device=x.device), counts)
             table[in_out[1] * volume + offset_of] = in_out[0]
         table = table.view(num_out, volume)
-        symmetric = stride == (1, 1) and kernel[0] % 2 == 1 and kernel[1] % 2 == 1 and num_in == num_out
+        symmetric = all(s == 1 for s in stride) and all(k % 2 == 1 for k in kernel) and num_in == num_out
         plan = NeighbourPlan(
             table=table, num_in=num_in, symmetric=symmetric, scratch=cache["scratch"], kernel=kernel, dilation=dilation
         )
@@ -174,10 +175,13 @@ def neighbour_plan(
     return plan
 
 
-def _dense_grid(manager: object, key: object, device: torch.device) -> tuple[tuple[int, int, int], torch.Tensor]:
-    """Where each site of ``key`` sits in a dense ``[B, H, W]`` grid at the key's own stride."""
+def _dense_grid(manager: object, key: object, device: torch.device) -> tuple[tuple[int, ...], torch.Tensor]:
+    """Where each site of ``key`` sits in a dense ``[B, *spatial]`` grid at the key's own stride."""
     coordinates = manager.get_coordinates(key).to(device=device, dtype=torch.long)
     stride = key.get_key()[0]
-    batch, y, x = coordinates[:, 0], coordinates[:, 1] // stride[0], coordinates[:, 2] // stride[1]
-    grid = (int(batch.max()) + 1, int(y.max()) + 1, int(x.max()) + 1)
-    return grid, (batch * grid[1] + y) * grid[2] + x
+    axes = [coordinates[:, 0]] + [coordinates[:, 1 + i] // s for i, s in enumerate(stride)]
+    grid = tuple(int(axis.max()) + 1 for axis in axes)
+    rows = axes[0]
+    for axis, side in zip(axes[1:], grid[1:]):
+        rows = rows * side + axis
+    return grid, rows

@@ -26,11 +26,11 @@ def broadcast_rows(ref: SparseMap, value: torch.Tensor, op: str) -> torch.Tensor
     """A dense operand that broadcasts against the map, as rows that broadcast against ``[N, C]``."""
     if value.dim() == 0:
         return value
-    if value.dim() > 4:
+    if value.dim() > ref.ndim:
         raise UnsupportedLayerError(
             f"{op}: a {value.dim()}-d operand cannot broadcast onto a sparse map{ref.ctx.where()}"
         )
-    full = value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
+    full = value.reshape((1,) * (ref.ndim - value.dim()) + tuple(value.shape))
     if any(full.shape[d] != 1 for d in ref.spatial_dims):
         raise UnsupportedLayerError(
             f"{op}: a dense operand of shape {tuple(value.shape)} varies over space against a sparse map of "

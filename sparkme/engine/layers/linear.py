@@ -34,7 +34,7 @@ def cat(tensors, dim: int = 0) -> SparseMap:
     if not all(isinstance(m, SparseMap) for m in maps):
         raise UnsupportedLayerError("cat mixes sparse maps and dense tensors")
     ref = maps[0]
-    if dim % 4 != ref.channel_dim:
+    if dim % ref.ndim != ref.channel_dim:
         raise UnsupportedLayerError(f"cat along dim {dim} of sparse maps{ref.ctx.where()}: only the channel dim")
     if any(key_id(m.key) != key_id(ref.key) or m.channels_last != ref.channels_last for m in maps):
         raise UnsupportedLayerError(f"cat of sparse maps on different sites or layouts{ref.ctx.where()}")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedLayerError
 from ..sparse_map import SparseMap, implements, require_map
+from .conv import check_rank
 
 __all__ = ["reduce_sites"]
 
@@ -15,7 +16,7 @@ def _dims(x: SparseMap, dim, op: str) -> str:
     """'spatial' (per sample over sites) or 'channel' (per site over channels)."""
     if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
         raise UnsupportedLayerError(f"{op} over all dimensions of a sparse map{x.ctx.where()}: give spatial dims")
-    dims = {int(d) % 4 for d in ((dim,) if isinstance(dim, int) else dim)}
+    dims = {int(d) % x.ndim for d in ((dim,) if isinstance(dim, int) else dim)}
     if dims == set(x.spatial_dims):
         return "spatial"
     if dims == {x.channel_dim}:
@@ -71,7 +72,9 @@ def _reduce(x: SparseMap, dim, keepdim: bool, kind: str, op: str, dtype: torch.d
     pooled = reduce_sites(x, kind)
     if not keepdim:
         return pooled
-    return pooled[:, None, None, :] if x.channels_last else pooled[:, :, None, None]
+    ones = (1,) * x.ctx.spatial_dims
+    batch, channels = pooled.shape
+    return pooled.view(batch, *ones, channels) if x.channels_last else pooled.view(batch, channels, *ones)
 
 
 @implements(torch.mean, torch.Tensor.mean)
@@ -101,20 +104,32 @@ def vector_norm(x, ord=2, dim=None, keepdim: bool = False, *, dtype=None):
     return norm(x, ord, dim, keepdim, dtype)
 
 
-@implements(F.adaptive_avg_pool2d)
-def adaptive_avg_pool2d(x, output_size):
-    if output_size not in (1, (1, 1), [1, 1]):
+def _global_pool(x, output_size, kind: str, op: str, return_indices: bool = False):
+    x = require_map(x, op)
+    check_rank(x, int(op[-2]), op)
+    if output_size not in (1, (1,) * x.ctx.spatial_dims, [1] * x.ctx.spatial_dims) or return_indices:
         raise UnsupportedLayerError(
-            f"adaptive_avg_pool2d to {output_size} on a sparse map{require_map(x, 'pool').ctx.where()}: "
+            f"{op} to {output_size} on a sparse map{x.ctx.where()}: "
             "only global pooling (output size 1) keeps sparse semantics"
         )
-    return _reduce(x, require_map(x, "adaptive_avg_pool2d").spatial_dims, True, "mean", "adaptive_avg_pool2d")
+    return _reduce(x, x.spatial_dims, True, kind, op)
+
+
+@implements(F.adaptive_avg_pool2d)
+def adaptive_avg_pool2d(x, output_size):
+    return _global_pool(x, output_size, "mean", "adaptive_avg_pool2d")
+
+
+@implements(F.adaptive_avg_pool3d)
+def adaptive_avg_pool3d(x, output_size):
+    return _global_pool(x, output_size, "mean", "adaptive_avg_pool3d")
 
 
 @implements(F.adaptive_max_pool2d)
 def adaptive_max_pool2d(x, output_size, return_indices: bool = False):
-    if output_size not in (1, (1, 1), [1, 1]) or return_indices:
-        raise UnsupportedLayerError(
-            f"adaptive_max_pool2d to {output_size} on a sparse map: only global pooling (output size 1) is supported"
-        )
-    return _reduce(x, require_map(x, "adaptive_max_pool2d").spatial_dims, True, "amax", "adaptive_max_pool2d")
+    return _global_pool(x, output_size, "amax", "adaptive_max_pool2d", return_indices)
+
+
+@implements(F.adaptive_max_pool3d)
+def adaptive_max_pool3d(x, output_size, return_indices: bool = False):
+    return _global_pool(x, output_size, "amax", "adaptive_max_pool3d", return_indices)
