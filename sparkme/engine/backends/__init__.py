@@ -14,7 +14,8 @@ Semantics every backend must keep (the exactness tests check them all):
   (``coordinate_manager.stride``), exactly like MinkowskiEngine's.
 
 Backends register themselves in ``BACKENDS``; ``"minkowski"`` is MinkowskiEngine's
-stock kernels, ``"gather"`` is sparkme's gather-GEMM-scatter path on ME's kernel maps.
+stock kernels, ``"gather"`` is sparkme's gather-GEMM-scatter path on ME's kernel maps,
+``"triton"`` its fused gather-GEMM kernel for CUDA tensors (Triton, imported on first use).
 A backend registered with ``autocast=True`` computes in autocast's dtype (bf16 on tensor cores):
 the encoder then runs its sparse forward inside the caller's autocast instead of forcing fp32
 (MinkowskiEngine's kernels take fp32/fp64 only).
@@ -76,7 +77,7 @@ def get_backend(name: str) -> SparseConvFn:
 def _load_builtin() -> None:
     import importlib
 
-    for module in ("minkowski", "gather"):
+    for module in ("minkowski", "gather", "triton_gather"):
         try:
             importlib.import_module(f"{__name__}.{module}")
         except ModuleNotFoundError as err:
