@@ -277,3 +277,19 @@ def test_zip_that_loses_its_member_data_is_named(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError, match="cut.npz"):
         VolumeFolderDataset(tmp_path)
+
+
+def test_data_configs_build_the_volume_datasets(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_module
+
+    from sparkme.training.build import instantiate_unwrapped
+
+    _save(tmp_path / "scan.npy", np.ones((2, 5, 5, 5), np.float32))
+    with initialize_config_module(config_module="sparkme.conf", version_base="1.3"):
+        demo = compose(config_name="pretrain", overrides=["data=demo3d", "data.volume_size=16"]).data
+        folder = compose(config_name="pretrain", overrides=["data=volumefolder", f"data.root={tmp_path}"]).data
+    demo_set = instantiate_unwrapped(demo.dataset, transform=None)
+    assert isinstance(demo_set, DemoVolumeDataset) and len(demo_set) == 64 and demo_set[0][0].shape == (1, 16, 16, 16)
+    folder_set = instantiate_unwrapped(folder.dataset, transform=volume_pretrain_transform(folder.volume_size))
+    assert isinstance(folder_set, VolumeFolderDataset) and folder_set.clip_percentiles == (0.5, 99.5)
+    assert folder_set[0][0].shape == (2, 96, 96, 96) and folder.flip == 0.5
