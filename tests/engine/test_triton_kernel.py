@@ -89,8 +89,14 @@ def _assert_layer_as_accurate(case, dtype: torch.dtype, device: str = "cpu", aut
         _check_as_accurate(a, r, t, f"{case[0]} {what}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+LAYER_RUNS = [(case, torch.float32) for case in CASES] + [
+    (case, torch.float16) for case in CASES if case[0] in ("3x3", "2x2/s2", "3x3/s2")
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"), LAYER_RUNS, ids=[f"{case[0]}-{str(dtype)[6:]}" for case, dtype in LAYER_RUNS]
+)
 def test_layer_as_accurate_as_gather(case, dtype: torch.dtype, interpreter) -> None:
     _assert_layer_as_accurate(case, dtype)
 
@@ -148,7 +154,7 @@ def test_cpu_tensors_are_refused_without_the_interpreter(monkeypatch: pytest.Mon
         get_backend("triton")(x, weight, bias, stride=(1, 1), dilation=(1, 1), groups=1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernels_compile_for_sm90(dtype: torch.dtype) -> None:
     """Both kernels in the tile sizes the launchers pick compile to an sm_90 cubin (no GPU needed)."""
     import triton

@@ -50,22 +50,25 @@ def _gather_gemm_kernel(
     out_ok = outputs < num_out
     col_ok = cols < out_channels
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for tap in range(volume):
+    chan_blocks = (in_channels + BLOCK_K - 1) // BLOCK_K
+    for step in range(volume * chan_blocks):  # one flat loop over (offset, channel block): one pipeline
+        tap = step // chan_blocks
+        chans = (step % chan_blocks) * BLOCK_K + lanes
         column = volume - 1 - tap if REVERSE else tap
         source = tl.load(table_ptr + outputs.to(tl.int64) * stride_table + column, mask=out_ok, other=missing)
         present = source < missing
-        row_base = rows_ptr + source.to(tl.int64)[:, None] * stride_rows
-        tap_base = weight_ptr + tap * stride_wk
-        for start in range(0, in_channels, BLOCK_K):
-            chans = start + lanes
-            chan_ok = chans < in_channels
-            a = tl.load(row_base + chans[None, :], mask=present[:, None] & chan_ok[None, :], other=0.0)
-            b = tl.load(
-                tap_base + chans[:, None] * stride_wc + cols[None, :] * stride_wo,
-                mask=chan_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        chan_ok = chans < in_channels
+        a = tl.load(
+            rows_ptr + source.to(tl.int64)[:, None] * stride_rows + chans[None, :],
+            mask=present[:, None] & chan_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            weight_ptr + tap * stride_wk + chans[:, None] * stride_wc + cols[None, :] * stride_wo,
+            mask=chan_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     target = out_ptr + outputs.to(tl.int64)[:, None] * stride_out + cols[None, :]
     tl.store(target, acc.to(out_ptr.dtype.element_ty), mask=out_ok[:, None] & col_ok[None, :])
 
