@@ -2,6 +2,7 @@
 
 - ``sparse-gather`` / ``sparse-minkowski``: ``sparkme.sparsify`` with that conv backend, fp32;
   ``sparse-gather-bf16``: the gather backend under bf16 autocast (the stock ME kernels are fp32-only);
+  ``sparse-triton`` / ``sparse-triton-bf16``: the fused Triton kernels (CUDA only; asked for by name);
 - ``masked-dense``: SparK's reference emulation (``masked_dense.py``), fp32; its ``step`` is the official
   SparK step as written (``official.py``: gather-scatter densify, the paper's decoder, its loss);
   ``masked-dense-bf16-cl``: the same in bf16 autocast and channels-last (the fast GPU baseline);
@@ -34,6 +35,8 @@ PATHS: dict[str, Path] = {
         Path("sparse-gather", "sparse", backend="gather"),
         Path("sparse-gather-bf16", "sparse", backend="gather", bf16=True),
         Path("sparse-minkowski", "sparse", backend="minkowski"),
+        Path("sparse-triton", "sparse", backend="triton"),
+        Path("sparse-triton-bf16", "sparse", backend="triton", bf16=True),
         Path("masked-dense", "masked"),
         Path("masked-dense-bf16-cl", "masked", bf16=True, channels_last=True),
         Path("dense", "dense"),
@@ -43,9 +46,10 @@ PATHS: dict[str, Path] = {
 
 
 def default_paths(device: str) -> list[str]:
-    """What ``paths: null`` runs: fp32 on the CPU; bf16 channels-last baselines added on the GPU."""
+    """What ``paths: null`` runs: fp32 on the CPU; bf16 channels-last baselines added on the GPU (the
+    Triton paths only when named: ``scripts/gpu_check.sh`` times them against the gather backend)."""
     if device.startswith("cuda"):
-        return list(PATHS)
+        return [name for name, path in PATHS.items() if path.backend != "triton"]
     return ["sparse-gather", "sparse-minkowski", "masked-dense", "dense"]
 
 

@@ -8,15 +8,19 @@
 # the machine lacks it) -> sparkme and its missing dependencies from the carried wheels (pip, offline,
 # editable) -> MinkowskiEngine for this GPU: the carried prebuilt wheel when its key (torch, Python,
 # GPU architecture, patch set) matches, else built from the carried sdist (~140 s on 16 cores) ->
-# `pytest -m gpu` -> `sparkme-bench bench=gpu rounds=2 isolate=false` into docs/bench/gpu_<date>/.
-# Budget: about 8 minutes on one H100/H200 with a build, 6 with a prebuilt wheel.
+# `pytest -m gpu` -> `sparkme-bench bench=gpu rounds=2 isolate=false` into docs/bench/gpu_<date>/ ->
+# the Triton backend timed against the gather backend (ResNet-50 encoder fwd+bwd, fp32 and bf16, 3
+# interleaved rounds) into docs/bench/gpu_<date>/triton/.
+# Budget: about 8 minutes on one H100/H200 with a build, 6 with a prebuilt wheel, plus about one for the
+# Triton timing (an estimate: 12 cases and the kernels' first compile).
 #
 # With $OUT set (the device tool), the log, the benchmark results and the MinkowskiEngine wheel built
-# there are copied under $OUT (8 files at most): gpu_check.log, bench/results.{md,json,csv,png},
-# me_wheel/<key>/<wheel> (carry that folder next time: scripts/gpu_carry.sh DIR $OUT/me_wheel).
+# there are copied under $OUT (9 files at most): gpu_check.log, bench/results.{md,json,csv,png},
+# triton/results.md, me_wheel/<key>/<wheel> (carry that folder next time: scripts/gpu_carry.sh DIR $OUT/me_wheel).
 #
 # Knobs: GPU_CHECK_PYTHON (python3), GPU_CHECK_BENCH_ARGS ("bench=gpu rounds=2 isolate=false"),
-# GPU_CHECK_BENCH_DIR (docs/bench/gpu_<UTC date>), GPU_CHECK_SKIP_BENCH=1, TORCH_CUDA_ARCH_LIST,
+# GPU_CHECK_BENCH_DIR (docs/bench/gpu_<UTC date>), GPU_CHECK_SKIP_BENCH=1, GPU_CHECK_SKIP_TRITON=1,
+# GPU_CHECK_TRITON_ARGS ("bench=gpu models=[resnet50] measures=[encoder] rounds=3 isolate=false"), TORCH_CUDA_ARCH_LIST,
 # GPU_CHECK_DRY_RUN=1 (no GPU needed: the carried OpenBLAS is unpacked and linked, sparkme is
 # installed offline, the sdist is checked; then it stops before MinkowskiEngine and the GPU steps).
 set -euo pipefail
@@ -135,5 +139,23 @@ if [[ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]]; then
     fi
 fi
 
-say "done: tests $tests_rc, bench $bench_rc; results in $BENCH_DIR${RESULTS:+ and $RESULTS}"
-((tests_rc == 0 && bench_rc == 0))
+# --- Triton backend vs gather: ResNet-50 encoder fwd+bwd, fp32 and bf16, interleaved rounds ------------
+triton_rc=0
+if [[ "${GPU_CHECK_SKIP_TRITON:-0}" != 1 ]]; then
+    read -r -a triton_args <<<"${GPU_CHECK_TRITON_ARGS:-bench=gpu models=[resnet50] measures=[encoder] rounds=3 isolate=false}"
+    triton_paths="paths=[sparse-gather,sparse-triton,sparse-gather-bf16,sparse-triton-bf16]"
+    say "sparkme-bench ${triton_args[*]} $triton_paths reference=sparse-gather output_dir=$BENCH_DIR/triton"
+    set +e
+    "$PY" -m sparkme.cli.bench "${triton_args[@]}" "$triton_paths" reference=sparse-gather plot=false \
+        "output_dir=$BENCH_DIR/triton"
+    triton_rc=$?
+    set -e
+    say "triton timing: exit status $triton_rc"
+    if [[ -n "$RESULTS" && -d "$BENCH_DIR/triton" ]]; then
+        mkdir -p "$RESULTS/triton"
+        cp "$BENCH_DIR"/triton/results.md "$RESULTS/triton/" 2>/dev/null || true
+    fi
+fi
+
+say "done: tests $tests_rc, bench $bench_rc, triton timing $triton_rc; results in $BENCH_DIR${RESULTS:+ and $RESULTS}"
+((tests_rc == 0 && bench_rc == 0 && triton_rc == 0))
