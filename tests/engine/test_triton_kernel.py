@@ -62,7 +62,7 @@ def _run(backend: str, x: ME.SparseTensor, weight: torch.Tensor, bias: torch.Ten
     x = ME.SparseTensor(features, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
     weight, bias = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
     out = get_backend(backend)(x, weight, bias, stride=(stride, stride), dilation=(dilation, dilation), groups=1)
-    grad = torch.randn(out.F.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.F.dtype)
+    grad = torch.randn(out.F.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.F)
     out.F.backward(grad)
     return out.F, features.grad, weight.grad, bias.grad
 
@@ -155,8 +155,10 @@ def test_cpu_tensors_are_refused_without_the_interpreter(monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernels_compile_for_sm90(dtype: torch.dtype) -> None:
-    """Both kernels in the tile sizes the launchers pick compile to an sm_90 cubin (no GPU needed)."""
+def test_kernels_compile_for_sm90(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both kernels in the tile sizes and launch options the launchers pick compile to an sm_90 cubin
+    (no GPU needed)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -176,9 +178,15 @@ def test_kernels_compile_for_sm90(dtype: torch.dtype) -> None:
         signature["table_ptr"] = "*i64"
         signature |= {name: "constexpr" for name in constants}
         source = ASTSource(triton.jit(function), signature, constants)
-        options = {"num_warps": 4, "num_stages": 3 if dtype == torch.float32 else 4}
+        options = kernels.launch_options(dtype)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert len(compiled.asm["cubin"]) > 0, function.__name__
+
+
+def test_autocast_dtype_is_used(interpreter) -> None:
+    """Under autocast the kernels compute in autocast's dtype (fp16 here: the interpreter's bf16 dot is
+    wrong) and return fp32 gradients for fp32 parameters, as accurate as the gather backend."""
+    _assert_layer_as_accurate(CASES[4], torch.float16, autocast=True)
 
 
 @pytest.mark.gpu
