@@ -1,4 +1,4 @@
-"""SparK on a real sparse 3D encoder (sparkme.sparsify of a small Conv3d/BatchNorm3d CNN): shapes,
+"""SparK on real sparse 3D encoders (sparkme.sparsify of a small Conv3d/BatchNorm3d CNN and of ResNet3d): shapes,
 hidden voxels never reach the prediction, and in float64 the densify-from-maps and channels_last_3d
 switches give the dense path's loss, prediction and every gradient."""
 
@@ -104,3 +104,46 @@ def test_switches_keep_every_gradient_in_3d(from_maps, channels_last):
         scale = max(float(expected.abs().max()), floor if key.startswith("grad") else 1e-300)
         error = float((result[key] - expected).abs().max()) / scale
         assert error <= RTOL, f"{key}: relative error {error:.1e}"
+
+
+def _resnet3d_model() -> nn.Module:
+    from sparkme.models.resnet3d import ResNet3d
+
+    torch.manual_seed(0)
+    cnn = ResNet3d(in_chans=1, widths=[8, 16, 24, 32], depths=[1, 1, 1, 1])
+    return sparkme.SparK(sparkme.sparsify(cnn), mask_ratio=0.6, decoder_width=64)
+
+
+def _demo_volumes(count: int, side: int) -> torch.Tensor:
+    from sparkme.data.volume_demo import DemoVolumeDataset
+    from sparkme.data.volume_transforms import volume_eval_transform
+
+    data, crop = DemoVolumeDataset(length=count, volume_size=side + 8, seed=0), volume_eval_transform(side)
+    return torch.stack([crop(data[i][0]) for i in range(count)])
+
+
+def test_resnet3d_encoder_wires_into_spark():
+    model = _resnet3d_model()
+    assert (model.patch_size, model.levels, model.decoder.level_widths) == (8, [1, 0], [64, 32, 16, 8])
+    loss, pred, mask = model(_demo_volumes(2, 16), generator=torch.Generator().manual_seed(0))
+    assert pred.shape == (2, 1, 16, 16, 16) and mask.flatten(1).sum(1).tolist() == [5, 5]
+    loss.backward()
+    assert model.encoder.dense_state_dict()["stem.0.weight"].shape == (8, 1, 3, 3, 3)
+
+
+@pytest.mark.slow
+def test_resnet3d_spark_overfits_demo_volumes():
+    """60 AdamW steps on 4 demo volumes with one fixed mask: the hidden cubes are learned (1.01 -> 0.04
+    measured, 65 s on 2 busy cores)."""
+    model = _resnet3d_model()
+    volumes = _demo_volumes(4, 16)
+    mask = model.sample_mask(volumes, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(60):
+        loss, _, _ = model(volumes, mask=mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
