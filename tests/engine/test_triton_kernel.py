@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from engine_compare import _check_as_accurate, _compare_outcomes, run_sparse
+from engine_compare import _check_as_accurate, _compare_outcomes, assert_as_accurate, compare, run_sparse
 from engine_reference import USER_STAGES, make_model, random_visible
 
 pytest.importorskip("triton")
@@ -194,3 +194,31 @@ def test_autocast_dtype_is_used(interpreter) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
 def test_layer_as_accurate_as_gather_cuda(case, dtype: torch.dtype) -> None:
     _assert_layer_as_accurate(case, dtype, device="cuda", autocast=dtype == torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "user_cnn"])
+def test_cuda_matches_masked_dense(name: str) -> None:
+    """fp32 on the GPU: features, BN statistics and every gradient as accurate as masked-dense's."""
+    compare(name, _visible_patches, train=True, dtype=torch.float32, device="cuda", backend="triton")
+
+
+def _visible_patches(grid: tuple[int, int]) -> torch.Tensor:
+    return random_visible(2, grid, 0.6, seed=13)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_bf16_cuda_as_accurate_as_masked_dense_bf16(name: str) -> None:
+    """Under bf16 autocast on the GPU the features are bf16 and as accurate as masked-dense in bf16."""
+    import test_autocast as autocast_runs
+
+    runs, pixels, encoder = autocast_runs._run(name, "cuda", "triton")
+    sparse, ref_bf16, truth = runs["sparse"], runs["bf16"], runs["truth"]
+    if name == "resnet18":  # ConvNeXt stages end in LayerNorm, which autocast runs in fp32
+        assert torch.bfloat16 in {f.dtype for f in sparse[0]}
+    for i, (a, b, t) in enumerate(zip(sparse[0], ref_bf16[0], truth[0])):
+        hidden = ~pixels[:, :, :: encoder.feature_strides[i], :: encoder.feature_strides[i]]
+        assert (a * hidden).abs().max() == 0, f"stage {i}: non-zero feature at a hidden site"
+        assert_as_accurate(a, b, t, f"stage {i} features")
+    assert_as_accurate(sparse[1], ref_bf16[1], truth[1], "input grad")
