@@ -19,6 +19,7 @@ interpreter if that happened before ``TRITON_INTERPRET=1`` was set.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from types import SimpleNamespace
 
@@ -163,6 +164,11 @@ def launch_options(dtype: torch.dtype) -> dict[str, int]:
     return {} if interpreting() else {"num_warps": 4, "num_stages": 3 if dtype == torch.float32 else 4}
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def gather_gemm(
     rows: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, missing: int, reverse: bool = False
 ) -> torch.Tensor:
@@ -177,12 +183,13 @@ def gather_gemm(
     out = rows.new_empty(num_out, out_channels)
     config = gemm_config(num_out, in_channels, out_channels, rows.dtype)
     grid = (triton.cdiv(num_out, config["BLOCK_M"]), triton.cdiv(out_channels, config["BLOCK_N"]))
-    _kernels().gemm[grid](
-        out, rows, table, weight,
-        num_out, in_channels, out_channels, volume, missing,
-        rows.stride(0), table.stride(0), *weight.stride(), out.stride(0),
-        REVERSE=reverse, **config, **launch_options(rows.dtype),
-    )  # fmt: skip
+    with _on(rows.device):
+        _kernels().gemm[grid](
+            out, rows, table, weight,
+            num_out, in_channels, out_channels, volume, missing,
+            rows.stride(0), table.stride(0), *weight.stride(), out.stride(0),
+            REVERSE=reverse, **config, **launch_options(rows.dtype),
+        )  # fmt: skip
     return out
 
 
@@ -202,12 +209,13 @@ def gather_weight_grad(rows: torch.Tensor, table: torch.Tensor, grad_out: torch.
     splits = max(1, triton.cdiv(num_out, rows_per_split))
     partial = torch.empty(splits, volume, in_channels, out_channels, dtype=torch.float32, device=rows.device)
     grid = (volume * triton.cdiv(in_channels, block_c), triton.cdiv(out_channels, block_o), splits)
-    _kernels().weight_grad[grid](
-        partial, rows, table, grad_out,
-        num_out, in_channels, out_channels, volume, missing, rows_per_split,
-        rows.stride(0), table.stride(0), grad_out.stride(0),
-        **config, **launch_options(rows.dtype),
-    )  # fmt: skip
+    with _on(rows.device):
+        _kernels().weight_grad[grid](
+            partial, rows, table, grad_out,
+            num_out, in_channels, out_channels, volume, missing, rows_per_split,
+            rows.stride(0), table.stride(0), grad_out.stride(0),
+            **config, **launch_options(rows.dtype),
+        )  # fmt: skip
     return partial.sum(0) if splits > 1 else partial[0]
 
 
