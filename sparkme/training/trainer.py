@@ -29,12 +29,10 @@ from torch.utils.data import DataLoader
 
 from sparkme.atomic import atomic_write_bytes
 from sparkme.data.sampling import ResumableSampler, SeededTransformDataset, sample_seed
-from sparkme.data.transforms import pretrain_transform
 from sparkme.training.amp import step_autocast
 from sparkme.training.build import (
     build_spark,
     check_batch_settings,
-    check_image_size,
     instantiate_unwrapped,
     model_name_of,
     plain_config,
@@ -42,6 +40,7 @@ from sparkme.training.build import (
 from sparkme.training.checkpoint import load_checkpoint, restore_rng, run_payload, save_checkpoint
 from sparkme.training.distributed import DistInfo, all_reduce_mean, any_rank, init_distributed
 from sparkme.training.guard import DivergenceError, DivergenceGuard, NonFiniteLossError, state_norms
+from sparkme.training.inputs import pretraining_inputs
 from sparkme.training.lock import RunDirLock
 from sparkme.training.metrics import MetricsLogger
 from sparkme.training.optim import apply_schedule, build_optimizer, effective_lr
@@ -96,14 +95,14 @@ class Trainer:
 
             init_from(self.model, str(cfg.init_from))
         self.patch_size = int(self.model.encoder.downsample_ratio)
-        self.image_size = int(cfg.data.image_size)
-        check_image_size(self.image_size, self.patch_size, float(cfg.spark.get("mask_ratio", 0.6)))
+        spatial_dims = int(getattr(self.model.encoder, "spatial_dims", 2))
+        mask_ratio = float(cfg.spark.get("mask_ratio", 0.6))
+        self.inputs = pretraining_inputs(cfg.data, spatial_dims, self.patch_size, mask_ratio)
+        self.image_size = self.inputs.size
         self.base_dataset = dataset if dataset is not None else self._build_dataset()
         if len(self.base_dataset) == 0:
             raise ValueError("the dataset is empty; point data.root at a folder with images or use data=demo")
-        self.dataset = SeededTransformDataset(
-            self.base_dataset, pretrain_transform(self.image_size, tuple(cfg.data.get("crop_scale", (0.67, 1.0))))
-        )
+        self.dataset = SeededTransformDataset(self.base_dataset, self.inputs.transform)
         self._build_loader()
         self._build_optimization()
         self.model.to(self.device)
@@ -244,7 +243,7 @@ class Trainer:
                 f"optimizer    base lr {float(self.cfg.optim.base_lr):g} x batch {self.global_batch} / 256 "
                 f"= effective lr {self.peak_lr:.3g}; {self.schedule.warmup_steps} warmup of "
                 f"{self.schedule.total_steps} steps",
-                f"data         {self.base_dataset!r}: {len(self.base_dataset)} images at {self.image_size}px, "
+                f"data         {self.base_dataset!r}: {self.inputs.describe(len(self.base_dataset))}, "
                 f"{self.steps_per_epoch} steps/epoch x {self.epochs} epochs",
                 f"batch        global {self.global_batch} = {self.dist.world_size} ranks x {self.micro_batch} "
                 f"x {self.accum_steps} accumulation",

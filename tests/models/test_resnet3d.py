@@ -189,7 +189,6 @@ def test_model_configs_build_the_encoder() -> None:
         (32, 2),
         (64, 4),
         (128, 8),
-        (160, 16),
     ]
     assert len(small.stages[1]) == 1
     assert list(full.widths) == [32, 64, 128, 256, 320] and list(full.depths) == [1, 2, 2, 2, 2]
