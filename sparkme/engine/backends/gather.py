@@ -6,8 +6,10 @@ kernel maps but does the arithmetic with plain torch ops, which are multi-thread
 the CPU and run in autocast's dtype (bf16 on tensor cores) when the caller runs the encoder under
 ``torch.autocast``; outside autocast they compute in the input's dtype:
 
-- forward: one gather of every output site's ``k*k`` neighbours into ``[N_out, k*k*C_in]``
-  (a zero row stands for a missing neighbour), then one GEMM (``bmm`` per group);
+- forward: a gather of every output site's ``k*k`` neighbours into ``[N_out, k*k*C_in]``
+  (a zero row stands for a missing neighbour), then a GEMM (``bmm`` per group); on the CPU in
+  blocks of output rows whose gathered matrix is about ``BLOCK_BYTES`` (bounded scratch instead of
+  the whole im2col matrix; the backward's gathers and scatters walk the same blocks);
 - backward to the weight: the same gather (recomputed, not stored) times the output grad;
 - backward to the input: for stride-1 odd kernels the neighbour relation is symmetric,
   so it is the same gather-GEMM on the output grad with the flipped kernel (gathered in reverse
@@ -39,7 +41,11 @@ from torch.autograd import Function
 from . import register_backend
 from .neighbours import NeighbourPlan, neighbour_plan
 
-__all__ = ["gather_conv"]
+__all__ = ["BLOCK_BYTES", "gather_conv"]
+
+BLOCK_BYTES: int | None = 4 << 20
+"""CPU: the gather-GEMM walks the output rows in blocks whose gathered ``[rows, k*k*C]`` matrix is about
+this many bytes, forward and backward (``None`` or 0: one block, the whole im2col matrix at once)."""
 
 
 def _grouped_mm(columns: torch.Tensor, weight: torch.Tensor, volume: int) -> torch.Tensor:
@@ -88,6 +94,72 @@ def _column_grad(grad_out: torch.Tensor, weight: torch.Tensor, volume: int) -> t
     return per_group.view(groups, rows, volume, -1).permute(1, 2, 0, 3).reshape(rows * volume, -1)
 
 
+def _block_rows(row_numel: int, like: torch.Tensor) -> int | None:
+    """Rows per block of ``row_numel``-element scratch rows, about ``BLOCK_BYTES`` (CPU only; ``None``: one block)."""
+    if not BLOCK_BYTES or like.device.type != "cpu":
+        return None
+    return max(16, BLOCK_BYTES // max(row_numel * like.element_size(), 1))
+
+
+def _output_blocks(plan: NeighbourPlan, channels: int, rows: torch.Tensor) -> list[tuple[int, int]]:
+    """Output row ranges whose gathered ``[rows, volume * C]`` block is about ``BLOCK_BYTES`` (CPU only)."""
+    per_block = _block_rows(plan.volume * channels, rows) or max(plan.num_out, 1)
+    return [(start, min(start + per_block, plan.num_out)) for start in range(0, plan.num_out, per_block)]
+
+
+def _inverse_input_grad(plan: NeighbourPlan, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Input gradient of a non-symmetric plan: the column gradient summed back through the inverse table.
+
+    Without groups the column GEMM writes straight into the padded scratch the scatter reads (no copy),
+    and the scatter walks the inputs in blocks of about ``BLOCK_BYTES`` picked rows.
+    """
+    groups, volume, rows = weight.shape[0], plan.volume, grad_out.shape[0]
+    channels = weight.shape[1] // volume * groups
+    if groups == 1:
+        padded = plan.scratch.take("padded", (rows * volume + 1, channels), grad_out)
+        torch.mm(grad_out, weight[0].t(), out=padded[:-1].view(rows, volume * channels))
+        padded[-1].zero_()
+    else:
+        padded = plan.padded(_column_grad(grad_out, weight, volume))
+    return plan.scatter_padded(padded, _block_rows(plan.inverse.shape[1] * channels, grad_out))
+
+
+def _gather_mm(plan: NeighbourPlan, rows: torch.Tensor, weight: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """``_grouped_mm(plan.gather(rows, reverse), weight)``, a block of output rows at a time."""
+    padded = plan.padded(rows)
+    blocks = _output_blocks(plan, rows.shape[1], rows)
+    if len(blocks) == 1:
+        return _grouped_mm(plan.gather_rows(padded, 0, plan.num_out, reverse), weight, plan.volume)
+    groups = weight.shape[0]
+    out = rows.new_empty(plan.num_out, groups * weight.shape[2])
+    for start, stop in blocks:
+        columns = plan.gather_rows(padded, start, stop, reverse)
+        if groups == 1:
+            torch.mm(columns, weight[0], out=out[start:stop])
+        else:
+            out[start:stop] = _grouped_mm(columns, weight, plan.volume)
+    return out
+
+
+def _gather_weight_grad(plan: NeighbourPlan, rows: torch.Tensor, grad_out: torch.Tensor, groups: int) -> torch.Tensor:
+    """``_grouped_weight_grad`` of the gathered rows, summed over blocks of output rows."""
+    padded = plan.padded(rows)
+    blocks = _output_blocks(plan, rows.shape[1], rows)
+    if len(blocks) == 1:
+        return _grouped_weight_grad(plan.gather_rows(padded, 0, plan.num_out), grad_out, groups, plan.volume)
+    if groups == 1:  # accumulate [O, K*C] in place; returned transposed like _grouped_weight_grad
+        grad = grad_out.new_zeros(grad_out.shape[1], plan.volume * rows.shape[1])
+        for start, stop in blocks:
+            grad.addmm_(grad_out[start:stop].t(), plan.gather_rows(padded, start, stop))
+        return grad.unsqueeze(0).transpose(1, 2)
+    grad = None
+    for start, stop in blocks:
+        columns = plan.gather_rows(padded, start, stop)
+        part = _grouped_weight_grad(columns, grad_out[start:stop], groups, plan.volume)
+        grad = part if grad is None else grad.add_(part)
+    return grad
+
+
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -111,7 +183,7 @@ class _GatherConvFunction(Function):
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, plan: NeighbourPlan) -> torch.Tensor:
         features_c, weight_c = _save_compute_inputs(ctx, features, weight, plan)
         with torch.autocast(features.device.type, enabled=False):
-            return _grouped_mm(plan.gather(features_c), weight_c, plan.volume)
+            return _gather_mm(plan, features_c, weight_c)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -121,14 +193,14 @@ class _GatherConvFunction(Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             grad_out = grad_out.to(weight.dtype).contiguous()
             if ctx.needs_input_grad[1]:
-                grad_weight = _grouped_weight_grad(plan.gather(features), grad_out, weight.shape[0], plan.volume)
+                grad_weight = _gather_weight_grad(plan, features, grad_out, weight.shape[0])
                 grad_weight = grad_weight.to(ctx.dtypes[1])
             if ctx.needs_input_grad[0]:
                 if plan.symmetric:
                     taps = _transposed_taps(weight, plan.volume)
-                    grad_features = _grouped_mm(plan.gather(grad_out, reverse=True), taps, plan.volume)
+                    grad_features = _gather_mm(plan, grad_out, taps, reverse=True)
                 else:
-                    grad_features = plan.scatter(_column_grad(grad_out, weight, plan.volume))
+                    grad_features = _inverse_input_grad(plan, grad_out, weight)
                 grad_features = grad_features.to(ctx.dtypes[0])
         return grad_features, grad_weight, None
 

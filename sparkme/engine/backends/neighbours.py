@@ -78,23 +78,41 @@ class NeighbourPlan:
         gradient, so that the weight needs no flip). The result lives in scratch memory: consume it
         before the next ``gather``/``scatter``.
         """
+        return self.gather_rows(self.padded(rows), 0, self.num_out, reverse)
+
+    def gather_rows(self, padded: torch.Tensor, start: int, stop: int, reverse: bool = False) -> torch.Tensor:
+        """``gather`` of outputs ``start:stop`` only, from ``padded(rows)`` (the caller pads once).
+
+        ``[stop - start, volume * C]`` in scratch memory sized to the block, so a caller that walks the
+        outputs in blocks never holds the whole ``[num_out, volume * C]`` matrix.
+        """
         table = self.table
         if reverse:
             if self._reversed is None:
                 self._reversed = table.flip(1).contiguous()
             table = self._reversed
-        columns = self.scratch.take("columns", (table.numel(), rows.shape[1]), rows)
-        torch.index_select(self.padded(rows), 0, table.view(-1), out=columns)
-        return columns.view(self.num_out, -1)
+        index = table[start:stop].reshape(-1)
+        columns = self.scratch.take("columns", (index.numel(), padded.shape[1]), padded)
+        torch.index_select(padded, 0, index, out=columns)
+        return columns.view(stop - start, -1)
 
-    def scatter(self, columns: torch.Tensor) -> torch.Tensor:
+    def scatter(self, columns: torch.Tensor, block_rows: int | None = None) -> torch.Tensor:
         """Adjoint of ``gather``: sum ``[num_out * volume, C]`` rows back onto the ``num_in`` inputs."""
+        return self.scatter_padded(self.padded(columns), block_rows)
+
+    def scatter_padded(self, padded: torch.Tensor, block_rows: int | None = None) -> torch.Tensor:
+        """``scatter`` of ``padded`` (``[num_out * volume + 1, C]``, the last row zero), ``block_rows``
+        inputs at a time (``None``: all at once), so the picked rows' scratch stays bounded."""
         inverse = self.inverse
-        padded = self.padded(columns)
-        picked = self.scratch.take("columns", (inverse.numel(), columns.shape[1]), columns)
-        torch.index_select(padded, 0, inverse.view(-1), out=picked)
-        picked = picked.view(self.num_in, inverse.shape[1], -1)
-        return picked.sum(1) if inverse.shape[1] > 1 else picked[:, 0].clone()
+        width, channels = inverse.shape[1], padded.shape[1]
+        out = padded.new_empty(self.num_in, channels)
+        step = max(block_rows or self.num_in, 1)
+        for start in range(0, self.num_in, step):
+            stop = min(start + step, self.num_in)
+            picked = self.scratch.take("columns", ((stop - start) * width, channels), padded)
+            torch.index_select(padded, 0, inverse[start:stop].reshape(-1), out=picked)
+            torch.sum(picked.view(stop - start, width, channels), 1, out=out[start:stop])
+        return out
 
 
 class Scratch:
