@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _helpers import compose, tiny
@@ -42,6 +43,13 @@ def test_cli_pretrains_on_demo_volumes(tmp_path: Path) -> None:
     network = instantiate(compose(VOLUMES).model)
     network.load_state_dict(dense)
     assert all(torch.equal(dense[k], v) for k, v in checkpoint["encoder"].items())
+    # sparkme-visualize rebuilds the 3D model from the checkpoint and plots slices of a volume file
+    volume = tmp_path / "scan.npy"
+    np.save(volume, np.random.default_rng(0).normal(size=(20, 18, 16)).astype(np.float32))
+    command = ["-m", "sparkme.cli.visualize", str(run_dir / "checkpoints" / "last.pth"), str(volume)]
+    picture = tmp_path / "slices.png"
+    shown = subprocess.run([sys.executable, *command, "--image-size", "16", "--out", str(picture)], timeout=300)
+    assert shown.returncode == 0 and picture.read_bytes().startswith(b"\x89PNG")
 
 
 def test_exact_resume_on_volumes(tmp_path: Path) -> None:
