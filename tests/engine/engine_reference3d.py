@@ -199,8 +199,8 @@ class Residual3d(nn.Module):
 
 
 class UserCNN3d(nn.Module):
-    """Strides 2 / 4 / 8 / 16 on volumes: odd, non-cubic, strided, even (tiling), dilated, grouped and
-    depthwise Conv3d; BatchNorm3d, InstanceNorm3d (with and without running stats), GroupNorm,
+    """Strides 2 / 4 / 8 / 16 on volumes: odd, non-cubic, strided, even (tiling), dilated, grouped,
+    depthwise and strided depthwise Conv3d; BatchNorm3d, InstanceNorm3d (with and without running stats), GroupNorm,
     channels-last LayerNorm, SE, residual adds, Max/AvgPool3d, global pooling in the head."""
 
     def __init__(self, in_chans: int = 1):
@@ -214,7 +214,7 @@ class UserCNN3d(nn.Module):
             nn.Conv3d(16, 16, (3, 5, 1), 1, (1, 2, 0)),
         )
         self.stage2 = nn.Sequential(
-            nn.MaxPool3d(2, 2),
+            nn.Conv3d(16, 16, 3, 2, 1, groups=16),
             nn.Conv3d(16, 16, 3, 1, 2, dilation=2, groups=4),
             nn.GroupNorm(4, 16),
             nn.Conv3d(16, 16, 5, 1, 2, groups=16),
