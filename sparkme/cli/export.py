@@ -53,7 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         (state_dict, recorded_name), options = read_encoder(args.checkpoint), {}
     model_name = args.model_name or recorded_name
     if model_name is None:
-        raise UserError(f"{args.checkpoint} does not record its timm model name: pass --model-name")
+        raise UserError(
+            f"{args.checkpoint} does not record a timm model name: pass --model-name if its encoder is a timm "
+            "model; a model of your own (a custom CNN, ResNet3d) needs no export: the *.encoder.safetensors "
+            "beside each checkpoint holds its dense weights, keyed like its state_dict()"
+        )
     export = convert(state_dict, model_name, args.format, **options)
     _check_out(Path(args.out), args.format, export.suffix, model_name)
     path = save_export(export, args.out)

@@ -50,6 +50,12 @@ def test_cli_pretrains_on_demo_volumes(tmp_path: Path) -> None:
     picture = tmp_path / "slices.png"
     shown = subprocess.run([sys.executable, *command, "--image-size", "16", "--out", str(picture)], timeout=300)
     assert shown.returncode == 0 and picture.read_bytes().startswith(b"\x89PNG")
+    # sparkme-export (timm formats) points a non-timm model at its dense weights file instead
+    export = ["-m", "sparkme.cli.export", str(run_dir / "checkpoints" / "last.pth"), "--format", "timm"]
+    refused = subprocess.run(
+        [sys.executable, *export, "--out", str(tmp_path / "x.pth")], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "encoder.safetensors" in refused.stderr, refused.stderr
 
 
 def test_exact_resume_on_volumes(tmp_path: Path) -> None:
