@@ -3,7 +3,9 @@
 ``encoder``: encoder forward + backward (a scalar of all feature maps). ``step``: the full
 pretraining step (encoder + densify + decoder + loss + backward + LAMB step): ``sparkme.SparK`` on
 the sparse paths, the official SparK step as written (``official.py``) on the masked-dense and dense ones.
-Every path sees the same seeded images and patch mask. Time is the median of ``iters`` runs after
+Every path sees the same seeded images and patch mask; a volume model (``paths.VOLUME_MODELS``) gets
+1-channel ``resolution``-sided cubes and a cube mask, and only the ``encoder`` measure on a
+non-sparse path (the official step in ``official.py`` is 2D). Time is the median of ``iters`` runs after
 ``warmup`` runs (wall clock, and this process's CPU time summed over threads, which other
 processes on a shared machine disturb less); memory is CUDA's max allocated, or on the CPU the
 peak resident set above the level just before the first run (honest only in a fresh process:
@@ -24,9 +26,9 @@ from typing import Protocol
 
 import torch
 
-from sparkme.benchmarks.paths import Path, build_encoder, get_path
+from sparkme.benchmarks.paths import Path, build_encoder, channels_last_format, get_path, is_volume_model
 
-__all__ = ["Case", "run_case", "MEASURES", "Clock", "CudaOps", "CudaCalls"]
+__all__ = ["Case", "run_case", "check_measure", "MEASURES", "Clock", "CudaOps", "CudaCalls"]
 
 MEASURES = ("encoder", "step")
 
@@ -47,15 +49,29 @@ class Case:
     threads: int | None = None
 
 
-def _inputs(case: Case, patch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from sparkme.method.masking import random_patch_mask
+def check_measure(model: str, measure: str, path_name: str) -> None:
+    """Refuse, before anything runs, a measure this model and path cannot take."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; choose from {list(MEASURES)}")
+    if measure == "step" and is_volume_model(model) and get_path(path_name).kind != "sparse":
+        raise ValueError(
+            f"measure 'step' on the volume model {model} with path {path_name}: the official-step baseline "
+            "(sparkme.benchmarks.official) is 2D only; use measures=[encoder] (or sparse paths only)"
+        )
+
+
+def _inputs(
+    case: Case, patch: int, device: torch.device, spatial_dims: int = 2, in_channels: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded inputs ``[B, C, *sides]`` (square images or cubic volumes) and the hidden mask ``[B, *grid]``."""
+    from sparkme.method.masking import random_grid_mask
 
     if case.resolution % patch:
         raise ValueError(f"resolution {case.resolution} is not a multiple of {case.model}'s patch size {patch}")
     generator = torch.Generator().manual_seed(case.seed)
-    images = torch.randn(case.batch, 3, case.resolution, case.resolution, generator=generator)
-    grid = case.resolution // patch
-    hidden = random_patch_mask(case.batch, grid, grid, case.mask_ratio, generator=generator)
+    images = torch.randn(case.batch, in_channels, *(case.resolution,) * spatial_dims, generator=generator)
+    grid = (case.resolution // patch,) * spatial_dims
+    hidden = random_grid_mask(case.batch, grid, case.mask_ratio, generator=generator)
     return images.to(device), hidden.to(device)
 
 
@@ -144,12 +160,14 @@ def _pretraining_model(path: Path, encoder: torch.nn.Module, case: Case) -> torc
 
 def _build_step(case: Case, device: torch.device):
     """The callable one timed iteration runs, plus what the caller needs to know."""
+    check_measure(case.model, case.measure, case.path)
     path = get_path(case.path)
     torch.manual_seed(case.seed)
     encoder = build_encoder(path, case.model).to(device).train()
-    images, hidden = _inputs(case, encoder.downsample_ratio, device)
+    dims = encoder.spatial_dims
+    images, hidden = _inputs(case, encoder.downsample_ratio, device, dims, encoder.in_channels)
     if path.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=channels_last_format(dims))
     visible = ~hidden[:, None]
     if case.measure == "encoder":
         params = [p for p in encoder.parameters() if p.requires_grad]
@@ -163,15 +181,13 @@ def _build_step(case: Case, device: torch.device):
             loss.backward()
 
         return step
-    if case.measure != "step":
-        raise ValueError(f"unknown measure {case.measure!r}; choose from {MEASURES}")
     from timm.optim import Lamb
 
     from sparkme.method.spark import split_weight_decay
 
     model = _pretraining_model(path, encoder, case).to(device).train()
     if path.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=channels_last_format(dims))
     decay, plain = split_weight_decay(model)
     groups = [{"params": decay, "weight_decay": 0.04}, {"params": plain, "weight_decay": 0.0}]
     optimizer = Lamb(groups, lr=2e-4 * case.batch / 256)

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sparkme.benchmarks.machine import describe_machine, machine_line
-from sparkme.benchmarks.measure import MEASURES, Case, run_case
+from sparkme.benchmarks.measure import Case, check_measure, run_case
 from sparkme.benchmarks.paths import default_paths, get_path
 from sparkme.benchmarks.report import add_ratios, markdown_table, write_report
 from sparkme.benchmarks.rounds import merge_rounds
@@ -29,9 +29,8 @@ def cases_from_config(cfg: DictConfig) -> list[Case]:
     paths = list(cfg.paths) if cfg.paths else default_paths(cfg.device)
     for name in paths:
         get_path(name)  # clear error for a typo before anything runs
-    for measure in cfg.measures:
-        if measure not in MEASURES:
-            raise ValueError(f"unknown measure {measure!r}; choose from {list(MEASURES)}")
+    for model, measure, path in itertools.product(cfg.models or [None], cfg.measures, paths):
+        check_measure(model, measure, path)  # unknown measures; the 2D-only step baseline on volumes
     if not cfg.models:
         raise ValueError("models is empty; give at least one timm model name, e.g. models=[resnet50]")
     combos = itertools.product(cfg.models, cfg.batch_sizes, cfg.resolutions, cfg.mask_ratios, cfg.measures, paths)
