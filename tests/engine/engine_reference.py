@@ -219,12 +219,12 @@ class ChannelsLastMLP(nn.Module):
         self.fc2 = nn.Linear(2 * channels, channels)
         self.gamma = nn.Parameter(torch.full((channels,), 0.5))
 
-    def forward(self, x):
-        shortcut = x
-        x = x.permute(0, 2, 3, 1)
+    def forward(self, x):  # images or volumes: channels-last over every spatial dim
+        shortcut, rank = x, x.dim()
+        x = x.permute(0, *range(2, rank), 1)
         x = self.fc2(self.act(self.fc1(self.norm(x))))
         x = x * self.gamma
-        return x.permute(0, 3, 1, 2) + shortcut
+        return x.permute(0, rank - 1, *range(1, rank - 1)) + shortcut
 
 
 class UserCNN(nn.Module):

@@ -13,6 +13,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from engine_reference import ChannelsLastMLP
 from torch import nn
 
 SPACE = (2, 3, 4)
@@ -173,22 +174,6 @@ class TinySE3d(nn.Module):
         return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
 
 
-class ChannelsLastMLP3d(nn.Module):
-    """permute to channels-last, LayerNorm, Linear, GELU, Linear, permute back, layer-scale, residual."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(channels)
-        self.fc1 = nn.Linear(channels, 2 * channels)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(2 * channels, channels)
-        self.gamma = nn.Parameter(torch.full((channels,), 0.5))
-
-    def forward(self, x):
-        y = self.fc2(self.act(self.fc1(self.norm(x.permute(0, 2, 3, 4, 1))))) * self.gamma
-        return y.permute(0, 4, 1, 2, 3) + x
-
-
 class Residual3d(nn.Module):
     def __init__(self, body: nn.Module):
         super().__init__()
@@ -218,7 +203,7 @@ class UserCNN3d(nn.Module):
             nn.Conv3d(16, 16, 3, 1, 2, dilation=2, groups=4),
             nn.GroupNorm(4, 16),
             nn.Conv3d(16, 16, 5, 1, 2, groups=16),
-            ChannelsLastMLP3d(16),
+            ChannelsLastMLP(16),
         )
         self.stage3 = nn.Sequential(
             nn.Conv3d(16, 24, 2, 2),

@@ -18,3 +18,20 @@ def tiny(*extra: str):
     """The composed config shrunk to TINY plus ``extra`` overrides (demo-only ones dropped for other data)."""
     base = TINY if "data=imagefolder" not in extra else [o for o in TINY if not o.startswith("data.dataset.")]
     return compose([*base, *extra])
+
+
+def assert_exact_resume(common: list[str], tmp_path) -> None:
+    """4 optimizer steps straight == 2 steps, a fresh process state, resume, 2 more (the real model)."""
+    import torch
+
+    from sparkme.training.trainer import Trainer
+
+    straight = Trainer(tiny(*common, "train.max_steps=4"), tmp_path / "straight")
+    straight.fit()
+    Trainer(tiny(*common, "train.max_steps=2"), tmp_path / "resumed").fit()
+    torch.manual_seed(999)  # the "killed" process's RNG must not leak into the resumed one
+    resumed = Trainer(tiny(*common, "train.max_steps=4"), tmp_path / "resumed")
+    assert resumed.step == 2 and resumed.fit().steps == 4
+    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)

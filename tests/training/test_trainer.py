@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import tiny
+from _helpers import assert_exact_resume, tiny
 from _standin import StandInSpark
 from test_data import _write_mixed_folder
 
@@ -188,12 +188,4 @@ def test_exact_resume_with_the_real_sparse_model(tmp_path: Path, backend: str) -
         "reconstruction.every_epochs=0",
         f"engine.backend={backend}",
     ]
-    straight = Trainer(tiny(*common, "train.max_steps=4"), tmp_path / "straight")
-    straight.fit()
-    Trainer(tiny(*common, "train.max_steps=2"), tmp_path / "resumed").fit()
-    torch.manual_seed(999)
-    resumed = Trainer(tiny(*common, "train.max_steps=4"), tmp_path / "resumed")
-    assert resumed.step == 2 and resumed.fit().steps == 4
-    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
+    assert_exact_resume(common, tmp_path)

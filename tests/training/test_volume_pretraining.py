@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import compose, tiny
+from _helpers import assert_exact_resume, compose, tiny
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
@@ -60,16 +60,7 @@ def test_cli_pretrains_on_demo_volumes(tmp_path: Path) -> None:
 
 def test_exact_resume_on_volumes(tmp_path: Path) -> None:
     """4 steps straight == 2 steps, a fresh process state, resume, 2 more (3 steps an epoch: crosses one)."""
-    common = [*VOLUMES, "logger=none", "reconstruction.every_epochs=0"]
-    straight = Trainer(tiny(*common, "train.max_steps=4"), tmp_path / "straight")
-    straight.fit()
-    Trainer(tiny(*common, "train.max_steps=2"), tmp_path / "resumed").fit()
-    torch.manual_seed(999)
-    resumed = Trainer(tiny(*common, "train.max_steps=4"), tmp_path / "resumed")
-    assert resumed.step == 2 and resumed.fit().steps == 4
-    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0, msg=key)
+    assert_exact_resume([*VOLUMES, "logger=none", "reconstruction.every_epochs=0"], tmp_path)
 
 
 @pytest.mark.parametrize(
