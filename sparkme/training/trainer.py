@@ -265,7 +265,7 @@ class Trainer:
     def _train_step(self, micro_batches: list[torch.Tensor]) -> tuple[float, float]:
         """One optimizer step over ``accum_steps`` micro-batches; returns (mean loss, grad norm)."""
         apply_schedule(self.optimizer, self.schedule.lr(self.step), self.schedule.wd(self.step))
-        autocast = step_autocast(self.device, self.cfg.train.amp)
+        autocast = step_autocast(self.device, self.cfg.train.amp, self.cfg.train.get("cpu_amp", False))
         losses = []
         for i, images in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)

@@ -54,9 +54,11 @@ def _record_encoder_dtypes(encoder: nn.Module) -> set[torch.dtype]:
     return seen
 
 
-def _one_step_dtypes(tmp_path: Path, amp_on: bool) -> tuple[Trainer, set[torch.dtype], set[torch.dtype]]:
+def _one_step_dtypes(
+    tmp_path: Path, amp_on: bool, *overrides: str
+) -> tuple[Trainer, set[torch.dtype], set[torch.dtype]]:
     """Run one optimizer step; return the trainer and the dtypes seen leaving the encoder and the decoder."""
-    trainer = Trainer(tiny(*REAL_SPARSE, f"train.amp={str(amp_on).lower()}"), tmp_path)
+    trainer = Trainer(tiny(*REAL_SPARSE, f"train.amp={str(amp_on).lower()}", *overrides), tmp_path)
     encoder_out = _record_encoder_dtypes(trainer.model.encoder)
     decoder_out: set[torch.dtype] = set()
     for module in trainer.model.modules():
@@ -84,11 +86,20 @@ def test_amp_stays_off_on_the_cpu_by_default_and_when_disabled(tmp_path: Path, m
     assert encoder_out == decoder_out == {torch.float32}
 
 
-def test_step_autocast_is_bf16_on_cuda_only_with_amp(monkeypatch) -> None:
+def test_cpu_amp_runs_the_cpu_step_in_bf16(tmp_path: Path) -> None:
+    """``train.cpu_amp=true``: the real CPU step in bf16 (encoder on the gather backend, decoder), fp32 state."""
+    trainer, encoder_out, decoder_out = _one_step_dtypes(tmp_path, False, "train.cpu_amp=true")
+    assert encoder_out == {torch.bfloat16} and torch.bfloat16 in decoder_out
+    assert all(param.dtype == torch.float32 for param in trainer.model.parameters())
+
+
+def test_step_autocast_is_bf16_on_cuda_with_amp_and_on_the_cpu_with_cpu_amp(monkeypatch) -> None:
     monkeypatch.setattr(amp.torch, "autocast", lambda device_type, dtype, enabled: (device_type, dtype, enabled))
     assert amp.step_autocast(torch.device("cuda", 1), True) == ("cuda", torch.bfloat16, True)
     assert amp.step_autocast(torch.device("cuda"), False) == ("cuda", torch.bfloat16, False)
     assert amp.step_autocast(torch.device("cpu"), True) == ("cpu", torch.bfloat16, False)
+    assert amp.step_autocast(torch.device("cpu"), False, cpu_amp=True) == ("cpu", torch.bfloat16, True)
+    assert amp.step_autocast(torch.device("cuda"), False, cpu_amp=True) == ("cuda", torch.bfloat16, False)
 
 
 @pytest.fixture()
@@ -202,3 +213,9 @@ def test_cuda_rng_state_round_trips_through_a_checkpoint() -> None:
     torch.cuda.manual_seed_all(8)
     checkpoint.restore_rng(state)
     assert torch.equal(torch.rand(5, device="cuda"), expected)
+
+
+def test_cpu_amp_warns_on_a_cpu_without_native_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16"):
+        amp.step_autocast(torch.device("cpu"), False, cpu_amp=True)
