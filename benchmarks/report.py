@@ -69,7 +69,7 @@ def markdown_table(rows: list[dict], machine: dict) -> str:
     lines = [
         f"Machine: {machine_line(machine)}",
         "",
-        f"| model | measure | batch | res | mask | path | ms (median) | images/s | peak MiB | time vs {reference} "
+        f"| model | measure | batch | res | mask | path | ms (median) | samples/s | peak MiB | time vs {reference} "
         f"| memory vs {reference} | CPU ms | CPU time vs {reference} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -142,7 +142,7 @@ def _plot(rows: list[dict], machine: dict, path: Path) -> None:
             ax.set_xticks(range(len(ratios)), [f"mask {r}" for r in ratios])
             ax.set_ylabel(label)
             if row_index == 0:
-                ax.set_title(f"{model} {measure}\nbatch {batch}, {resolution}px", fontsize=9)
+                ax.set_title(f"{model} {measure}\nbatch {batch}, side {resolution}", fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"sparkme-bench (bar labels: time vs {rows[0]['reference']})\n{machine_line(machine)}", fontsize=8)
     fig.tight_layout()
