@@ -198,13 +198,16 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: s
 
 # ---------------------------------------------------------------- a user CNN
 class TinySE(nn.Module):
-    def __init__(self, channels: int):
+    """Squeeze-excitation of images (``dims=2``) or volumes (``dims=3``)."""
+
+    def __init__(self, channels: int, dims: int = 2):
         super().__init__()
-        self.reduce = nn.Conv2d(channels, channels // 4, 1)
-        self.expand = nn.Conv2d(channels // 4, channels, 1)
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.reduce = conv(channels, channels // 4, 1)
+        self.expand = conv(channels // 4, channels, 1)
 
     def forward(self, x):
-        s = x.mean((2, 3), keepdim=True)
+        s = x.mean(tuple(range(2, x.dim())), keepdim=True)
         return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
 
 

@@ -13,7 +13,7 @@ import types
 
 import torch
 import torch.nn.functional as F
-from engine_reference import ChannelsLastMLP
+from engine_reference import ChannelsLastMLP, TinySE
 from torch import nn
 
 SPACE = (2, 3, 4)
@@ -152,7 +152,7 @@ def masked_reference3d(model: nn.Module, voxels: torch.Tensor) -> nn.Module:
         for kind, forward in _FORWARDS:
             if isinstance(module, kind):
                 module.forward = types.MethodType(forward, module)
-        if isinstance(module, TinySE3d):
+        if isinstance(module, TinySE):
             module.forward = types.MethodType(_masked_se_forward, module)
 
         def remask(_module, _inputs, out):
@@ -161,17 +161,6 @@ def masked_reference3d(model: nn.Module, voxels: torch.Tensor) -> nn.Module:
 
         module.register_forward_hook(remask)
     return ref
-
-
-class TinySE3d(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.reduce = nn.Conv3d(channels, channels // 4, 1)
-        self.expand = nn.Conv3d(channels // 4, channels, 1)
-
-    def forward(self, x):
-        s = x.mean((2, 3, 4), keepdim=True)
-        return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
 
 
 class Residual3d(nn.Module):
@@ -195,7 +184,7 @@ class UserCNN3d(nn.Module):
             nn.Conv3d(8, 16, 3, 2, 1),
             nn.InstanceNorm3d(16, affine=True),
             nn.LeakyReLU(0.01),
-            TinySE3d(16),
+            TinySE(16, dims=3),
             nn.Conv3d(16, 16, (3, 5, 1), 1, (1, 2, 0)),
         )
         self.stage2 = nn.Sequential(

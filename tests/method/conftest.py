@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # the helper modules beside these tests (``_compare``)
+    sys.path.insert(0, _HERE)
 
 
 class MaskedDenseEncoder(nn.Module):
