@@ -29,8 +29,19 @@ OFFICIAL = {  # experiment: (timm model, drop path, LAMB beta2, epochs)
 }
 
 
+DEMOS = {"spark3d_demo"}  # starting points that are not paper recipes (no official 3D SparK exists)
+
+
 def test_every_recipe_is_listed() -> None:
-    assert sorted(path.stem for path in EXPERIMENTS.glob("*.yaml")) == sorted(OFFICIAL)
+    assert sorted(path.stem for path in EXPERIMENTS.glob("*.yaml")) == sorted([*OFFICIAL, *DEMOS])
+
+
+def test_the_3d_demo_keeps_the_method_defaults() -> None:
+    """The volume demo changes model, data, width, lr and length for a CPU minute, never the method."""
+    cfg = compose(["experiment=spark3d_demo"])
+    assert cfg.model._target_ == "sparkme.models.resnet3d.ResNet3d" and cfg.data.volume_size == 32
+    assert (cfg.spark.mask_ratio, cfg.spark.norm_pix_loss) == (0.6, True)
+    assert cfg.optim.optimizer._target_ == "timm.optim.Lamb"
 
 
 @pytest.mark.parametrize("experiment", sorted(OFFICIAL))
