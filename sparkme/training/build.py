@@ -9,7 +9,6 @@ from typing import Any
 from torch import nn
 
 from sparkme.errors import UserError
-from sparkme.method.masking import check_mask_geometry
 
 __all__ = [
     "plain_config",
@@ -18,7 +17,6 @@ __all__ = [
     "build_spark",
     "spark_from_dense",
     "check_model_name",
-    "check_image_size",
     "check_batch_settings",
     "model_name_of",
 ]
@@ -79,15 +77,6 @@ def build_dense_model(model_cfg: Mapping[str, Any]) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model config {cfg['_target_']} built a {type(model).__name__}, not a torch nn.Module")
     return model
-
-
-def check_image_size(image_size: int, patch_size: int, mask_ratio: float) -> None:
-    """``data.image_size`` and ``spark.mask_ratio`` checked before building, by the model's own
-    :func:`~sparkme.method.masking.check_mask_geometry`, in config terms."""
-    try:
-        check_mask_geometry(image_size, image_size, patch_size, mask_ratio)
-    except ValueError as error:
-        raise ValueError(f"data.image_size={image_size}, spark.mask_ratio={mask_ratio}: {error}") from None
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -7,7 +7,7 @@ import torch
 
 from sparkme.method import random_patch_mask
 from sparkme.method.masking import check_mask_geometry, hidden_patch_count, patch_grid, upsample_mask
-from sparkme.training.build import check_image_size
+from sparkme.training.inputs import pretraining_inputs
 
 
 def test_exact_hidden_count_per_sample_non_square():
@@ -69,6 +69,12 @@ def test_same_generator_gives_the_official_mask():
     assert torch.equal(mask, ~active.view(batch, grid_h, grid_w))
 
 
+def _trainer_check(image_size: int, ratio: float) -> None:
+    from omegaconf import OmegaConf
+
+    pretraining_inputs(OmegaConf.create({"image_size": image_size}), 2, 32, ratio)
+
+
 @pytest.mark.parametrize("ratio", [0.05, 0.5, 0.6, 0.9, 0.9444444444444445])
 @pytest.mark.parametrize("image_size", [32, 64, 96])
 def test_config_check_and_model_refuse_the_same_settings(image_size, ratio):
@@ -78,10 +84,10 @@ def test_config_check_and_model_refuse_the_same_settings(image_size, ratio):
     hidden = num_patches - round(num_patches * (1 - ratio))
     if 0 < hidden < num_patches:
         assert check_mask_geometry(image_size, image_size, 32, ratio) == (image_size // 32,) * 2
-        check_image_size(image_size, 32, ratio)
+        _trainer_check(image_size, ratio)
         assert random_patch_mask(2, image_size // 32, image_size // 32, ratio).sum().item() == 2 * hidden
         return
     with pytest.raises(ValueError, match=f"hides {hidden} of {num_patches}"):
         check_mask_geometry(image_size, image_size, 32, ratio)
     with pytest.raises(ValueError, match=f"data.image_size={image_size}.*hides {hidden} of {num_patches}"):
-        check_image_size(image_size, 32, ratio)
+        _trainer_check(image_size, ratio)
