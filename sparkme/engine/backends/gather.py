@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from . import register_backend
-from .neighbours import NeighbourPlan, neighbour_plan
+from .neighbours import NeighbourPlan, neighbour_plan, output_key
 
 __all__ = ["BLOCK_BYTES", "gather_conv"]
 
@@ -339,10 +339,9 @@ def gather_conv(
     out_channels, in_per_group, *kernel = weight.shape
     dims, volume = len(kernel), math.prod(kernel)
     manager = x.coordinate_manager
-    unit = all(s == 1 for s in stride)
-    out_key = x.coordinate_map_key if unit else manager.stride(x.coordinate_map_key, list(stride))
+    out_key = output_key(x, stride)
     features = x.F
-    if volume == 1 and unit:
+    if volume == 1 and all(s == 1 for s in stride):
         out = _pointwise(features, weight, groups)
     else:
         plan = neighbour_plan(x, out_key, tuple(kernel), dilation, stride)

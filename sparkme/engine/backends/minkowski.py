@@ -16,19 +16,21 @@ import math
 import torch
 
 from . import register_backend
+from .neighbours import output_key
 
-__all__ = ["minkowski_conv"]
-
-
-def _out_key(x, stride: tuple[int, ...]):
-    if all(s == 1 for s in stride):
-        return x.coordinate_map_key
-    return x.coordinate_manager.stride(x.coordinate_map_key, list(stride))
+__all__ = ["minkowski_conv", "offset_matrices"]
 
 
 def _reversed_spatial(dims: int) -> range:
     """A weight's spatial axes, last first: ME enumerates kernel offsets with the first axis fastest."""
     return range(dims + 1, 1, -1)
+
+
+def offset_matrices(weight: torch.Tensor) -> torch.Tensor:
+    """``nn.ConvNd`` weight ``[O, C, *kernel]`` (no groups) as one ``[C, O]`` matrix per kernel offset,
+    ``[K, C, O]`` in ME's offset order: MinkowskiEngine's kernel layout."""
+    out_channels, in_channels = weight.shape[:2]
+    return weight.permute(*_reversed_spatial(weight.dim() - 2), 1, 0).reshape(-1, in_channels, out_channels)
 
 
 def _grouped(x, weight: torch.Tensor, out_key, stride, dilation, groups: int) -> torch.Tensor:
@@ -77,11 +79,11 @@ def minkowski_conv(
 
     out_channels, in_per_group, *size = weight.shape
     stride, dilation, dims = tuple(stride), tuple(dilation), len(size)
-    out_key = _out_key(x, stride)
+    out_key = output_key(x, stride)
     if groups == 1 and math.prod(size) == 1 and all(s == 1 for s in stride):
         out = x.F.mm(weight.reshape(out_channels, in_per_group).t())
     elif groups == 1:
-        kernel = weight.permute(*_reversed_spatial(dims), 1, 0).reshape(-1, in_per_group, out_channels).contiguous()
+        kernel = offset_matrices(weight).contiguous()
         generator = ME.KernelGenerator(kernel_size=size, stride=list(stride), dilation=list(dilation), dimension=dims)
         out = ME.MinkowskiConvolutionFunction.apply(
             x.F, kernel, generator, ConvolutionMode.DEFAULT, x.coordinate_map_key, out_key, x.coordinate_manager

@@ -17,7 +17,7 @@ import torch
 
 from ..context import key_id
 
-__all__ = ["NeighbourPlan", "Scratch", "neighbour_plan"]
+__all__ = ["NeighbourPlan", "Scratch", "neighbour_plan", "output_key"]
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -154,6 +154,14 @@ def _invert(table: torch.Tensor, num_in: int) -> torch.Tensor:
     inverse = torch.full((num_in, width), num_out * volume, dtype=torch.long, device=table.device)
     inverse[source, slot] = rows
     return inverse
+
+
+def output_key(x: ME.SparseTensor, stride: tuple[int, ...]) -> object:
+    """The coordinate key a convolution of ``stride`` writes: ``x``'s own sites at stride 1, else the
+    stride cells holding an active site (MinkowskiEngine's strided map)."""
+    if all(s == 1 for s in stride):
+        return x.coordinate_map_key
+    return x.coordinate_manager.stride(x.coordinate_map_key, list(stride))
 
 
 def neighbour_plan(

@@ -28,8 +28,9 @@ import torch
 from torch.autograd import Function
 
 from . import register_backend
-from .gather import _check, gather_conv
-from .neighbours import NeighbourPlan, neighbour_plan
+from .gather import _check, _compute_dtype, gather_conv
+from .minkowski import offset_matrices as conv_matrix
+from .neighbours import NeighbourPlan, neighbour_plan, output_key
 
 __all__ = ["KERNEL_DTYPES", "conv_matrix", "triton_conv"]
 
@@ -54,18 +55,12 @@ def _require_device(features: torch.Tensor) -> None:
     )
 
 
-def _compute_dtype(features: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(features.device.type):
-        return torch.get_autocast_dtype(features.device.type)
-    return features.dtype
-
-
 class _TritonConvFunction(Function):
     """Fused gather-GEMM convolution; ``matrix`` is ``[K, C_in, C_out]`` in ME's offset order."""
 
     @staticmethod
     def forward(ctx, features: torch.Tensor, matrix: torch.Tensor, plan: NeighbourPlan) -> torch.Tensor:
-        dtype = _compute_dtype(features)
+        dtype = _compute_dtype(features.device, features.dtype)
         features_c, matrix_c = features.to(dtype).contiguous(), matrix.to(dtype).contiguous()
         ctx.save_for_backward(features_c, matrix_c)
         ctx.plan = plan
@@ -92,12 +87,6 @@ class _TritonConvFunction(Function):
         return grad_features, grad_matrix, None
 
 
-def conv_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """``nn.Conv2d`` weight ``[O, C, kh, kw]`` as ``[kh*kw, C, O]`` in ME's offset order (first axis fastest)."""
-    out_channels, in_channels, kh, kw = weight.shape
-    return weight.permute(3, 2, 1, 0).reshape(kh * kw, in_channels, out_channels)
-
-
 def triton_conv(
     x: ME.SparseTensor,
     weight: torch.Tensor,
@@ -111,12 +100,13 @@ def triton_conv(
     stride, dilation = tuple(int(s) for s in stride), tuple(int(d) for d in dilation)
     _require_device(x.F)
     pointwise = weight.dim() == 4 and weight.shape[2:].numel() == 1 and stride == (1, 1)
-    if x.D != 2 or weight.dim() != 4 or groups != 1 or pointwise or _compute_dtype(x.F) not in KERNEL_DTYPES:
+    dtype = _compute_dtype(x.F.device, x.F.dtype)
+    if x.D != 2 or weight.dim() != 4 or groups != 1 or pointwise or dtype not in KERNEL_DTYPES:
         return gather_conv(x, weight, bias, stride=stride, dilation=dilation, groups=groups)
     _check(x, weight, bias, groups)
     kh, kw = weight.shape[2:]
     manager = x.coordinate_manager
-    out_key = x.coordinate_map_key if stride == (1, 1) else manager.stride(x.coordinate_map_key, list(stride))
+    out_key = output_key(x, stride)
     plan = neighbour_plan(x, out_key, (kh, kw), dilation, stride)
     out = _TritonConvFunction.apply(x.F, conv_matrix(weight), plan)
     if bias is not None:

@@ -104,9 +104,9 @@ def vector_norm(x, ord=2, dim=None, keepdim: bool = False, *, dtype=None):
     return norm(x, ord, dim, keepdim, dtype)
 
 
-def _global_pool(x, output_size, kind: str, op: str, return_indices: bool = False):
+def _global_pool(x, output_size, kind: str, op: str, dims: int, return_indices: bool = False):
     x = require_map(x, op)
-    check_rank(x, int(op[-2]), op)
+    check_rank(x, dims, op)
     if output_size not in (1, (1,) * x.ctx.spatial_dims, [1] * x.ctx.spatial_dims) or return_indices:
         raise UnsupportedLayerError(
             f"{op} to {output_size} on a sparse map{x.ctx.where()}: "
@@ -117,19 +117,19 @@ def _global_pool(x, output_size, kind: str, op: str, return_indices: bool = Fals
 
 @implements(F.adaptive_avg_pool2d)
 def adaptive_avg_pool2d(x, output_size):
-    return _global_pool(x, output_size, "mean", "adaptive_avg_pool2d")
+    return _global_pool(x, output_size, "mean", "adaptive_avg_pool2d", 2)
 
 
 @implements(F.adaptive_avg_pool3d)
 def adaptive_avg_pool3d(x, output_size):
-    return _global_pool(x, output_size, "mean", "adaptive_avg_pool3d")
+    return _global_pool(x, output_size, "mean", "adaptive_avg_pool3d", 3)
 
 
 @implements(F.adaptive_max_pool2d)
 def adaptive_max_pool2d(x, output_size, return_indices: bool = False):
-    return _global_pool(x, output_size, "amax", "adaptive_max_pool2d", return_indices)
+    return _global_pool(x, output_size, "amax", "adaptive_max_pool2d", 2, return_indices)
 
 
 @implements(F.adaptive_max_pool3d)
 def adaptive_max_pool3d(x, output_size, return_indices: bool = False):
-    return _global_pool(x, output_size, "amax", "adaptive_max_pool3d", return_indices)
+    return _global_pool(x, output_size, "amax", "adaptive_max_pool3d", 3, return_indices)
