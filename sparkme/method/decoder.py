@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["LightDecoder", "UpBlock", "init_decoder_weights"]
+__all__ = ["LightDecoder", "UpBlock", "dense_layers", "init_decoder_weights"]
 
 # (conv, transposed conv, BatchNorm) for images (2) and volumes (3)
 LAYERS = {
@@ -35,7 +35,8 @@ def init_decoder_weights(module: nn.Module) -> None:
             nn.init.zeros_(layer.bias)
 
 
-def _layers(spatial_dims: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+def dense_layers(spatial_dims: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+    """``(conv, transposed conv, BatchNorm)`` of images (2) or volumes (3); any other rank is refused."""
     if spatial_dims not in LAYERS:
         raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims}")
     return LAYERS[spatial_dims]
@@ -47,7 +48,7 @@ class UpBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, spatial_dims: int = 2) -> None:
         super().__init__()
-        conv, transposed, norm = _layers(spatial_dims)
+        conv, transposed, norm = dense_layers(spatial_dims)
         self.up = transposed(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
         self.conv = nn.Sequential(
             conv(cin, cin, kernel_size=3, padding=1, bias=False),
@@ -77,7 +78,7 @@ class LightDecoder(nn.Module):
         self, width: int = 768, upsample_ratio: int = 32, out_channels: int = 3, spatial_dims: int = 2
     ) -> None:
         super().__init__()
-        conv = _layers(spatial_dims)[0]
+        conv = dense_layers(spatial_dims)[0]
         num_blocks = round(math.log2(upsample_ratio)) if upsample_ratio >= 1 else -1
         if upsample_ratio < 1 or 2**num_blocks != upsample_ratio:
             raise ValueError(f"upsample_ratio must be a power of two >= 1 (got {upsample_ratio})")

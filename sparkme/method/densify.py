@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparkme.method.decoder import dense_layers
+
 __all__ = ["ActiveRows", "Densify", "NORM_KINDS", "init_mask_token"]
 
 NORM_KINDS = ("bn", "ln")
-CONV = {2: nn.Conv2d, 3: nn.Conv3d}  # the dense convolution of each number of spatial axes
 
 
 def init_mask_token(token: torch.Tensor) -> None:
@@ -56,7 +57,7 @@ def _projection(in_channels: int, out_channels: int, kernel_size: int | None, sp
         if in_channels != out_channels:
             raise ValueError(f"an identity projection needs equal widths (got {in_channels} -> {out_channels})")
         return nn.Identity()
-    conv = CONV[spatial_dims]
+    conv = dense_layers(spatial_dims)[0]
     return conv(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2, bias=True)
 
 
@@ -85,8 +86,7 @@ class Densify(nn.Module):
                 f"one entry per scale needed: got {len(in_channels)} input widths, {len(out_channels)} "
                 f"output widths and {len(kernel_sizes)} kernel sizes"
             )
-        if spatial_dims not in CONV:
-            raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims}")
+        dense_layers(spatial_dims)  # refuses a rank other than 2 or 3
         self.norm_kind = norm_kind
         self.spatial_dims = spatial_dims
         self.norms = nn.ModuleList(_active_site_norm(norm_kind, channels) for channels in in_channels)
